@@ -1,0 +1,138 @@
+"""From a config to a compiled model, through plugin lookups only."""
+
+import inspect
+import pathlib
+
+import keras
+
+from kerasllm.config import load_config
+from kerasllm.errors import ConfigError, KerasLLMError
+from kerasllm.model import KerasLLMModel
+from kerasllm.plugins import get_registry
+from kerasllm.training import make_optimizer
+
+
+def build_model(config, tokenizer=None, *, registry=None):
+    """A compiled :class:`KerasLLMModel` from a config.
+
+    Args:
+        config: a dict, a YAML path, a built-in config name or a ``Config``.
+        tokenizer: a keras-hub tokenizer to use; default: load
+            ``tokenizer.vocabulary`` or train one on the config's data source.
+        registry: plugin registry; default: the installed plugins.
+
+    Examples:
+    ```python
+    model = kerasllm.build_model({
+        "model": {"num_layers": 2, "hidden_dim": 64, "intermediate_dim": 128},
+        "tokenizer": {"vocabulary_size": 2000},
+        "objectives": [{"name": "mlm"}],
+    })
+    ```
+    """
+    config = load_config(config)
+    registry = registry or get_registry()
+    check_plugins(config, registry)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(config, registry)
+    model = KerasLLMModel(config.to_dict(), tokenizer, registry=registry)
+    model.compile(optimizer=make_optimizer(config.training))
+    return model
+
+
+def load_model(path):
+    """A model saved with ``model.save("….keras")``, reloaded in safe mode."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise KerasLLMError(f"model file not found: {path}")
+    get_registry()  # importing the plugins registers their Keras classes
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+def build_data_source(config, registry=None):
+    """The config's data source (``data.source`` with ``data.options``)."""
+    registry = registry or get_registry()
+    cls = registry.get("data source", config.data.source, "data.source")
+    return _instantiate(cls, config.data.options, "data.options", f"data source '{config.data.source}'")
+
+
+def build_tokenizer(config, registry=None, examples=None):
+    """Load ``tokenizer.vocabulary``, or train on ``examples`` (default: the data source)."""
+    registry = registry or get_registry()
+    factory = registry.get("tokenizer", config.tokenizer.name, "tokenizer.name")
+    if config.tokenizer.vocabulary:
+        path = pathlib.Path(config.tokenizer.vocabulary)
+        if not path.is_file():
+            raise ConfigError(f"tokenizer.vocabulary: file not found: {path}")
+        try:
+            return factory.load(path, lowercase=config.tokenizer.lowercase)
+        except ValueError as error:
+            raise ConfigError(f"tokenizer.vocabulary: {error}") from None
+    from kerasllm.data import texts
+
+    if examples is None:
+        examples = build_data_source(config, registry).examples()
+    return factory.train(
+        texts(examples), vocabulary_size=config.tokenizer.vocabulary_size,
+        lowercase=config.tokenizer.lowercase,
+    )
+
+
+def check_plugins(config, registry=None):
+    """Resolve every plugin name and option of a config, before any slow work."""
+    registry = registry or get_registry()
+    registry.get("tokenizer", config.tokenizer.name, "tokenizer.name")
+    source = registry.get("data source", config.data.source, "data.source")
+    _check_options(source, config.data.options, "data.options",
+                   f"data source '{config.data.source}'", ())
+    for where, head_config, kind in config.heads:
+        cls = registry.get(kind, head_config.name, f"{where}.name")
+        _check_options(cls, head_config.options, f"{where}.options",
+                       f"{kind} '{head_config.name}'", ("backbone", "tokenizer", "name"))
+
+
+def make_head(kind, where, head_config, backbone, tokenizer, registry=None):
+    """One objective or task head, by plugin name, with its options checked."""
+    registry = registry or get_registry()
+    cls = registry.get(kind, head_config.name, f"{where}.name")
+    what = f"{kind} '{head_config.name}'"
+    if cls.requires_causal is not None and cls.requires_causal != backbone.causal:
+        needed = "decoder" if cls.requires_causal else "encoder"
+        raise ConfigError(
+            f"{what} in {where} needs model.kind: {needed}, "
+            f"but the model is a{'' if backbone.causal else 'n'} "
+            f"{'decoder' if backbone.causal else 'encoder'}"
+        )
+    return _instantiate(
+        cls, head_config.options, f"{where}.options", what,
+        backbone=backbone, tokenizer=tokenizer, name=head_config.name,
+    )
+
+
+def _instantiate(cls, options, where, what, **fixed):
+    _check_options(cls, options, where, what, tuple(fixed))
+    try:
+        return cls(**fixed, **options)
+    except ValueError as error:
+        raise ConfigError(f"{where}: invalid value for {what}: {error}") from None
+
+
+def _check_options(cls, options, where, what, fixed):
+    """Options are the constructor's keyword arguments, less those kerasllm passes."""
+    parameters = inspect.signature(cls.__init__).parameters
+    allowed = sorted(
+        name for name, p in parameters.items()
+        if name not in ("self", *fixed) and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    )
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"unknown option '{unknown[0]}' for {what} in {where}; "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )
+    missing = [
+        name for name in allowed
+        if parameters[name].default is parameters[name].empty and name not in options
+    ]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]} is required by {what}")

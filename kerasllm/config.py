@@ -1,0 +1,270 @@
+"""Configuration: one YAML/dict format, validated into dataclasses.
+
+Every key is checked against the dataclass fields: an unknown key, a value of
+the wrong type or outside its allowed range raises :class:`ConfigError` naming
+the key (``training.steps``) and what is allowed. Plugin names and plugin
+options are checked later, by the builder, against the plugin registry.
+"""
+
+import dataclasses
+import importlib.resources
+import pathlib
+import types
+import typing
+from typing import Literal, Optional
+
+import yaml
+
+from kerasllm.errors import ConfigError
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The backbone. ``vocabulary_size`` comes from the tokenizer."""
+
+    kind: Literal["encoder", "decoder"] = "encoder"  # bidirectional or causal
+    num_layers: int = 2
+    num_heads: int = 4
+    hidden_dim: int = 128
+    intermediate_dim: int = 512
+    max_sequence_length: int = 128
+    num_segments: int = 2  # 0: no segment embedding and no `segment_ids` input
+    dropout: float = 0.1
+    norm_first: bool = False  # pre-LN (GPT-2) instead of post-LN (BERT)
+    activation: Literal["gelu", "gelu_approximate", "relu"] = "gelu"
+    layer_norm_epsilon: float = 1e-12
+    pooler: bool = True  # tanh-dense over the first token: `pooled_output`
+
+    def validate(self, where):
+        _positive(self, where, "num_layers", "num_heads", "hidden_dim",
+                  "intermediate_dim", "max_sequence_length", "layer_norm_epsilon")
+        _at_least(self, where, 0, "num_segments")
+        _fraction(self, where, "dropout")
+        if self.hidden_dim % self.num_heads:
+            raise ConfigError(
+                f"{where}.hidden_dim ({self.hidden_dim}) must be divisible by "
+                f"{where}.num_heads ({self.num_heads})"
+            )
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    name: str = "wordpiece"  # a tokenizer plugin
+    vocabulary: Optional[str] = None  # a vocabulary file to load; None: train one
+    vocabulary_size: int = 8192  # when training
+    lowercase: bool = True
+
+    def validate(self, where):
+        _positive(self, where, "vocabulary_size")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "builtin"  # a data-source plugin
+    options: dict = dataclasses.field(default_factory=dict)  # the source's options
+    sequence_length: int = 128
+    batch_size: int = 32
+    shuffle_buffer: int = 4096
+    heldout_fraction: float = 0.05  # of documents, kept out of training for evaluation
+    eval_batches: int = 16
+
+    def validate(self, where):
+        _positive(self, where, "sequence_length", "batch_size", "shuffle_buffer", "eval_batches")
+        if not 0 < self.heldout_fraction < 1:
+            raise ConfigError(
+                f"{where}.heldout_fraction must be between 0 and 1 (exclusive), "
+                f"got {self.heldout_fraction}"
+            )
+
+
+@dataclasses.dataclass
+class HeadConfig:
+    """One pretraining objective or the fine-tuning task head."""
+
+    name: str
+    weight: float = 1.0  # the head's share of the total loss
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self, where):
+        _at_least(self, where, 0.0, "weight")
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    steps: int = 1000
+    steps_per_epoch: int = 100  # Keras epochs are reporting periods here
+    checkpoint_every: int = 100  # a multiple of steps_per_epoch
+    keep_checkpoints: int = 3
+    learning_rate: float = 5e-4
+    warmup_steps: int = 100
+    end_learning_rate: float = 0.0
+    weight_decay: float = 0.01
+    clipnorm: float = 1.0  # global gradient norm; 0 disables clipping
+    seed: int = 0
+    output: str = "runs/quickstart"
+
+    def validate(self, where):
+        _positive(self, where, "steps", "steps_per_epoch", "checkpoint_every",
+                  "keep_checkpoints", "learning_rate")
+        _at_least(self, where, 0, "warmup_steps", "end_learning_rate", "weight_decay",
+                  "clipnorm")
+        if self.steps % self.steps_per_epoch:
+            raise ConfigError(
+                f"{where}.steps ({self.steps}) must be a multiple of "
+                f"{where}.steps_per_epoch ({self.steps_per_epoch})"
+            )
+        if self.checkpoint_every % self.steps_per_epoch:
+            raise ConfigError(
+                f"{where}.checkpoint_every ({self.checkpoint_every}) must be a multiple of "
+                f"{where}.steps_per_epoch ({self.steps_per_epoch}): checkpoints are "
+                "written at epoch ends so that a resumed run replays the same epochs"
+            )
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    objectives: list[HeadConfig] = dataclasses.field(default_factory=list)
+    head: Optional[HeadConfig] = None  # fine-tuning; exclusive with objectives
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+
+    def validate(self, where=""):
+        if bool(self.objectives) == bool(self.head):
+            raise ConfigError(
+                "give either `objectives` (a list, for pretraining) or `head` "
+                "(for fine-tuning), not both and not neither"
+            )
+        names = [objective.name for objective in self.objectives]
+        for duplicate in {n for n in names if names.count(n) > 1}:
+            raise ConfigError(f"objective '{duplicate}' appears twice in objectives")
+        if self.data.sequence_length > self.model.max_sequence_length:
+            raise ConfigError(
+                f"data.sequence_length ({self.data.sequence_length}) exceeds "
+                f"model.max_sequence_length ({self.model.max_sequence_length})"
+            )
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @property
+    def heads(self):
+        """(config key, HeadConfig, kind) for every head of the model, in order."""
+        if self.head is not None:
+            return [("head", self.head, "task head")]
+        return [(f"objectives[{i}]", o, "objective") for i, o in enumerate(self.objectives)]
+
+
+BUILTIN_CONFIGS = ("quickstart",)
+
+
+def load_config(source):
+    """A validated :class:`Config` from a dict, a YAML path, a built-in name or a Config.
+
+    Built-in names (``quickstart``) refer to configs shipped in ``kerasllm/configs``.
+    """
+    if isinstance(source, Config):
+        source = source.to_dict()
+    elif isinstance(source, (str, pathlib.Path)):
+        source = _read_yaml(source)
+    if not isinstance(source, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(source).__name__}")
+    return _build(Config, source, "")
+
+
+def _read_yaml(path):
+    path = pathlib.Path(path)
+    if not path.exists() and str(path) in BUILTIN_CONFIGS:
+        text = importlib.resources.files("kerasllm").joinpath(f"configs/{path}.yaml").read_text()
+    elif not path.is_file():
+        raise ConfigError(
+            f"config file not found: {path}; give a YAML file or a built-in config "
+            f"({', '.join(BUILTIN_CONFIGS)})"
+        )
+    else:
+        text = path.read_text()
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+
+
+def _build(cls, data, where):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        place = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key '{place}'; allowed: {', '.join(sorted(fields))}")
+    values = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        values[name] = _coerce(hints[name], value, key)
+    required = [
+        field.name for field in dataclasses.fields(cls)
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+    ]
+    for name in required:
+        if name not in values:
+            raise ConfigError(f"{where}.{name} is required" if where else f"{name} is required")
+    instance = cls(**values)
+    instance.validate(where)
+    return instance
+
+
+def _coerce(hint, value, key):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is bool and not isinstance(value, bool) or not isinstance(value, hint) or (
+        hint is int and isinstance(value, bool)
+    ):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _positive(config, where, *names):
+    _at_least(config, where, None, *names)
+
+
+def _at_least(config, where, minimum, *names):
+    for name in names:
+        value = getattr(config, name)
+        too_small = value <= 0 if minimum is None else value < minimum
+        if too_small:
+            bound = "> 0" if minimum is None else f">= {minimum}"
+            raise ConfigError(f"{where}.{name} must be {bound}, got {value}")
+
+
+def _fraction(config, where, *names):
+    for name in names:
+        value = getattr(config, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f"{where}.{name} must be in [0, 1), got {value}")

@@ -1,0 +1,105 @@
+"""The model ``build_model`` returns: tokenizer, backbone and heads in one ``keras.Model``."""
+
+import keras
+import tensorflow as tf
+
+from kerasllm.backbone import Backbone
+from kerasllm.config import load_config
+
+
+@keras.saving.register_keras_serializable(package="kerasllm")
+class KerasLLMModel(keras.Model):
+    """A backbone with pretraining objectives or a task head, trained with ``fit``.
+
+    Built by :func:`kerasllm.build_model` from a config. ``call`` returns a dict
+    of predictions keyed by head name. Losses are per head, weighted by the
+    config's ``weight`` and summed; ``fit`` logs the total ``loss`` and each
+    head's ``<name>_loss`` and metrics (e.g. ``mlm_accuracy``).
+
+    Args:
+        config: the kerasllm config as a dict (see :class:`kerasllm.Config`).
+        tokenizer: a keras-hub tokenizer (from a tokenizer plugin).
+        registry: the plugin registry to look heads up in; default: installed plugins.
+    """
+
+    def __init__(self, config, tokenizer, registry=None, **kwargs):
+        super().__init__(**kwargs)
+        from kerasllm.builder import make_head  # the builder imports this module
+
+        self.config = load_config(config)
+        self.tokenizer = tokenizer
+        model_config = {
+            k: v for k, v in self.config.to_dict()["model"].items() if k != "kind"
+        }
+        self.backbone = Backbone(
+            vocabulary_size=tokenizer.vocabulary_size(),
+            causal=self.config.model.kind == "decoder",
+            name="backbone",
+            **model_config,
+        )
+        self.heads = [
+            make_head(kind, where, head_config, self.backbone, tokenizer, registry)
+            for where, head_config, kind in self.config.heads
+        ]
+        self.head_weights = [head_config.weight for _, head_config, _ in self.config.heads]
+        for head in self.heads:
+            head.build((None, None, self.backbone.hidden_dim))
+        self.built = True
+
+    @property
+    def is_pretraining(self):
+        return bool(self.config.objectives)
+
+    @property
+    def input_keys(self):
+        keys = list(self.backbone.input_keys)
+        for head in self.heads:
+            keys += [key for key in head.input_keys if key not in keys]
+        return tuple(keys)
+
+    def call(self, inputs, training=False):
+        backbone_outputs = self.backbone(
+            {key: inputs[key] for key in self.backbone.input_keys}, training=training
+        )
+        return {head.name: head(backbone_outputs, inputs, training=training) for head in self.heads}
+
+    def prepare_batch(self, features):
+        """tf.data: a packed batch → ``(x, y)``, each head transforming in turn."""
+        targets = {}
+        for head in self.heads:
+            features, targets[head.name] = head.prepare(features)
+        return {key: features[key] for key in self.input_keys}, targets
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        # Kept for compute_metrics, which runs later in the same step: Keras also
+        # calls compute_loss in a symbolic build pass, so no tracker updates here.
+        self._head_losses = [
+            head.compute_loss(y[head.name], y_pred[head.name]) for head in self.heads
+        ]
+        total = sum(weight * loss for weight, loss in zip(self.head_weights, self._head_losses))
+        # Each replica's gradients are summed across replicas: scale so the sum is
+        # the mean (as Keras' own losses do in `scale_loss_for_distribution`).
+        return total / tf.distribute.get_strategy().num_replicas_in_sync
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        # Weighted by batch size like Keras' own `loss`: evaluation can end on an
+        # empty batch (tf.distribute's partial-batch handling) that must not count.
+        batch_size = tf.shape(x["token_ids"])[0]
+        for head, loss in zip(self.heads, self._head_losses):
+            head.loss_tracker.update_state(loss, sample_weight=batch_size)
+            head.update_metrics(y[head.name], y_pred[head.name])
+        return self.get_metrics_result()
+
+    def get_config(self):
+        config = self.config.to_dict()
+        # The vocabulary travels in the config (and the tokenizer's own assets):
+        # the backbone and heads need its size and special tokens to be rebuilt.
+        tokenizer = keras.saving.serialize_keras_object(self.tokenizer)
+        tokenizer["config"]["vocabulary"] = self.tokenizer.get_vocabulary()
+        return {"name": self.name, "config": config, "tokenizer": tokenizer}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        tokenizer = keras.saving.deserialize_keras_object(config.pop("tokenizer"))
+        return cls(tokenizer=tokenizer, **config)

@@ -1,0 +1,153 @@
+"""The Transformer layer set: attention numerics, masks, serialization."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerasllm
+from kerasllm.layers import SelfAttention, TextEmbedding, TransformerBlock, attention_core
+
+
+def reference_attention(query, key, value, padding_mask, causal):
+    """Plain numpy scaled dot-product attention."""
+    scores = np.einsum("bqhd,bkhd->bhqk", query, key) / np.sqrt(query.shape[-1])
+    allowed = padding_mask[:, None, None, :].astype(bool)
+    if causal:
+        length = query.shape[1]
+        allowed = allowed & np.tril(np.ones((length, length), bool))[None, None]
+    scores = np.where(allowed, scores, -1e9)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def make_backbone(causal, norm_first=False, num_segments=2, pooler=True):
+    keras.utils.set_random_seed(1)
+    return kerasllm.Backbone(
+        vocabulary_size=97, num_layers=2, num_heads=3, hidden_dim=24, intermediate_dim=40,
+        max_sequence_length=20, causal=causal, num_segments=num_segments,
+        norm_first=norm_first, dropout=0.0, pooler=pooler,
+    )
+
+
+def inputs(token_ids, padding_mask):
+    token_ids = np.asarray(token_ids, "int32")
+    return {"token_ids": token_ids, "padding_mask": np.asarray(padding_mask, "int32"),
+            "segment_ids": np.zeros_like(token_ids)}
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_core_matches_numpy_reference(causal):
+    rng = np.random.default_rng(0)
+    query, key, value = (rng.normal(size=(2, 7, 3, 5)).astype("float32") for _ in range(3))
+    padding_mask = np.array([[1] * 7, [1] * 4 + [0] * 3], "int32")
+    got = attention_core(query, key, value, padding_mask, tf.constant([0, 0]), causal, 0.0)
+    expected = reference_attention(query, key, value, padding_mask, causal)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+
+
+def test_attention_dropout_is_seeded_and_scaled():
+    rng = np.random.default_rng(0)
+    query, key, value = (rng.normal(size=(4, 16, 2, 8)).astype("float32") for _ in range(3))
+    mask = np.ones((4, 16), "int32")
+    first = attention_core(query, key, value, mask, tf.constant([1, 2]), False, 0.5)
+    again = attention_core(query, key, value, mask, tf.constant([1, 2]), False, 0.5)
+    other = attention_core(query, key, value, mask, tf.constant([3, 4]), False, 0.5)
+    np.testing.assert_array_equal(first.numpy(), again.numpy())
+    assert np.abs(first.numpy() - other.numpy()).max() > 1e-3
+    # Inverted dropout keeps the expectation: the mean over many seeds approaches
+    # the undropped output.
+    mean = np.mean([
+        attention_core(query, key, value, mask, tf.constant([s, 0]), False, 0.5).numpy()
+        for s in range(200)
+    ], axis=0)
+    exact = reference_attention(query, key, value, mask, False)
+    assert np.abs(mean - exact).mean() < 0.05
+
+
+def test_attention_core_is_xla_compiled():
+    assert attention_core._jit_compile
+    rng = np.random.default_rng(0)
+    args = [rng.normal(size=(1, 4, 1, 2)).astype("float32")] * 3
+    hlo = attention_core.experimental_get_compiler_ir(
+        *args, np.ones((1, 4), "int32"), tf.constant([0, 0]), False, 0.0)(stage="hlo")
+    assert "softmax" in hlo.lower() or "exponential" in hlo.lower()
+
+
+@pytest.mark.parametrize("causal,norm_first", [(False, False), (True, True), (True, False)])
+def test_padding_does_not_change_real_positions(causal, norm_first):
+    backbone = make_backbone(causal, norm_first)
+    tokens = [[5, 17, 33, 8, 61, 2]]
+    short = backbone(inputs(tokens, [[1] * 6]))
+    padded_tokens = [tokens[0] + [44, 90, 3, 12]]  # arbitrary ids in the padding
+    padded = backbone(inputs(padded_tokens, [[1] * 6 + [0] * 4]))
+    np.testing.assert_allclose(
+        padded["sequence_output"][:, :6], short["sequence_output"], atol=1e-5)
+    np.testing.assert_allclose(padded["pooled_output"], short["pooled_output"], atol=1e-5)
+
+
+def test_causal_outputs_ignore_future_tokens():
+    backbone = make_backbone(causal=True, norm_first=True)
+    tokens = np.array([[5, 17, 33, 8, 61, 2, 9, 10]])
+    changed = tokens.copy()
+    changed[0, 5] = 70
+    mask = np.ones_like(tokens)
+    before = backbone(inputs(tokens, mask))["sequence_output"].numpy()
+    after = backbone(inputs(changed, mask))["sequence_output"].numpy()
+    np.testing.assert_allclose(after[:, :5], before[:, :5], atol=1e-6)
+    assert np.abs(after[:, 5:] - before[:, 5:]).min(axis=-1).max() > 0
+
+
+def test_encoder_outputs_see_later_tokens():
+    backbone = make_backbone(causal=False)
+    tokens = np.array([[5, 17, 33, 8, 61, 2]])
+    changed = tokens.copy()
+    changed[0, 5] = 70
+    mask = np.ones_like(tokens)
+    before = backbone(inputs(tokens, mask))["sequence_output"].numpy()
+    after = backbone(inputs(changed, mask))["sequence_output"].numpy()
+    assert np.abs(after[:, 0] - before[:, 0]).max() > 1e-4
+
+
+def test_segment_ids_are_optional_and_change_outputs():
+    without = make_backbone(causal=False, num_segments=0)
+    assert "segment_ids" not in without.input_keys
+    out = without({"token_ids": np.array([[5, 6, 7]], "int32"),
+                   "padding_mask": np.ones((1, 3), "int32")})
+    assert out["sequence_output"].shape == (1, 3, 24)
+    backbone = make_backbone(causal=False)
+    base = inputs([[5, 6, 7]], [[1, 1, 1]])
+    other = {**base, "segment_ids": np.array([[0, 1, 1]], "int32")}
+    assert np.abs(backbone(base)["sequence_output"] - backbone(other)["sequence_output"]).max() > 1e-4
+
+
+def test_pre_ln_has_final_norm_and_post_ln_embedding_norm():
+    pre = make_backbone(causal=True, norm_first=True, pooler=False)
+    post = make_backbone(causal=False, norm_first=False)
+    assert pre.get_layer("final_norm") is not None
+    assert pre.get_layer("embedding").norm is None
+    assert post.get_layer("embedding").norm is not None
+    assert "pooled_output" not in pre.output
+
+
+@pytest.mark.parametrize("layer,args", [
+    (SelfAttention(3, causal=True, dropout=0.1), ((2, 5, 24),)),
+    (TransformerBlock(3, 40, "relu", True, True, 0.1, 1e-6), ((2, 5, 24),)),
+    (TextEmbedding(97, 24, 20, 2, normalize=False, dropout=0.1), ((2, 5), (2, 5))),
+])
+def test_layer_config_round_trip(layer, args):
+    layer.build(*args)
+    restored = layer.__class__.from_config(layer.get_config())
+    assert restored.get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backbone_keras_round_trip(tmp_path, causal):
+    backbone = make_backbone(causal, norm_first=causal)
+    batch = inputs([[5, 17, 33, 8, 0, 0]], [[1, 1, 1, 1, 0, 0]])
+    backbone.save(tmp_path / "backbone.keras")
+    restored = keras.saving.load_model(tmp_path / "backbone.keras", safe_mode=True)
+    assert restored.get_config() == backbone.get_config()
+    for name in ("sequence_output", "pooled_output"):
+        np.testing.assert_array_equal(restored(batch)[name], backbone(batch)[name])
