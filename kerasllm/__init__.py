@@ -28,6 +28,7 @@ _LAZY = {
     "load_model": "kerasllm.builder",
     "DataSource": "kerasllm.data",
     "Head": "kerasllm.heads",
+    "TokenPredictionHead": "kerasllm.heads",
     "KerasLLMModel": "kerasllm.model",
     "TokenizerFactory": "kerasllm.tokenizers",
 }

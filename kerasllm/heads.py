@@ -40,7 +40,6 @@ class Head(keras.layers.Layer):
 
     def __init__(self, backbone, tokenizer, **kwargs):
         super().__init__(**kwargs)
-        self.hidden_dim = backbone.hidden_dim
         self.loss_tracker = keras.metrics.Mean(name=f"{self.name}_loss")
 
     def build(self, sequence_output_shape):
@@ -59,8 +58,24 @@ class Head(keras.layers.Layer):
         """Update metrics beyond the loss, which the model tracks itself."""
 
 
-def weighted_sparse_cross_entropy(labels, logits, weights):
-    """Mean cross-entropy over the positions whose weight is non-zero."""
-    losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-    weights = tf.cast(weights, losses.dtype)
-    return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+class TokenPredictionHead(Head):
+    """A head predicting token ids over the vocabulary (masked or causal LM).
+
+    ``prepare`` returns targets ``{"ids": ..., "weights": ...}`` shaped like the
+    logits without their last axis; positions of weight 0 do not count. The
+    loss is the mean cross-entropy over the counted positions; the metric is
+    ``<name>_accuracy`` over the same positions.
+    """
+
+    def __init__(self, backbone, tokenizer, **kwargs):
+        super().__init__(backbone, tokenizer, **kwargs)
+        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name=f"{self.name}_accuracy")
+
+    def compute_loss(self, targets, predictions):
+        losses = keras.losses.sparse_categorical_crossentropy(
+            targets["ids"], predictions, from_logits=True)
+        weights = tf.cast(targets["weights"], losses.dtype)
+        return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+
+    def update_metrics(self, targets, predictions):
+        self.accuracy.update_state(targets["ids"], predictions, sample_weight=targets["weights"])

@@ -67,7 +67,11 @@ class CheckpointManager:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"ckpt-{step:09d}"
         staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.directory))
+        # An unbuilt optimizer saves only its step count, which restore would
+        # skip as a mismatch: build it so every checkpoint has the full state.
+        _build_optimizer(model)
         model.save_weights(staging / self.WEIGHTS)
+        _fsync(staging / self.WEIGHTS)
         state = {"step": step, "rng": [v.numpy().tolist() for v in _rng_states(model)]}
         _write_synced(staging / "state.json", json.dumps(state))
         final = self.directory / name
@@ -94,7 +98,7 @@ class CheckpointManager:
         if path is None:
             return 0
         # Optimizer variables must exist before their values can be loaded.
-        model.optimizer.build(model.trainable_variables)
+        _build_optimizer(model)
         model.load_weights(path / self.WEIGHTS)
         state = json.loads((path / "state.json").read_text())
         # By position: their names carry process-wide counters (seed_generator_7).
@@ -125,6 +129,11 @@ class CheckpointEvery(keras.callbacks.Callback):
             self.manager.save(self.model, step)
 
 
+def _build_optimizer(model):
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+
+
 def _rng_states(model):
     """Seed-generator states (dropout streams): variables that `save_weights` skips.
 
@@ -138,5 +147,10 @@ def _rng_states(model):
 def _write_synced(path, text):
     with open(path, "w") as handle:
         handle.write(text)
-        handle.flush()
+    _fsync(path)
+
+
+def _fsync(path):
+    """Flush a file to disk before it is renamed into place."""
+    with open(path, "rb+") as handle:
         os.fsync(handle.fileno())

@@ -3,10 +3,10 @@
 import keras
 
 import kerasllm
-from kerasllm.heads import weighted_sparse_cross_entropy
+from kerasllm.heads import TokenPredictionHead
 
 
-class CausalLM(kerasllm.Head):
+class CausalLM(TokenPredictionHead):
     """Next-token prediction through the tied input embedding; no options."""
 
     requires_causal = True
@@ -14,7 +14,6 @@ class CausalLM(kerasllm.Head):
     def __init__(self, backbone, tokenizer, **kwargs):
         super().__init__(backbone, tokenizer, **kwargs)
         self.token_embedding = backbone.token_embedding
-        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name=f"{self.name}_accuracy")
 
     def prepare(self, features):
         token_ids, padding_mask = features["token_ids"], features["padding_mask"]
@@ -25,12 +24,6 @@ class CausalLM(kerasllm.Head):
 
     def call(self, backbone_outputs, inputs, training=False):
         return self.token_embedding(backbone_outputs["sequence_output"], reverse=True)
-
-    def compute_loss(self, targets, predictions):
-        return weighted_sparse_cross_entropy(targets["ids"], predictions, targets["weights"])
-
-    def update_metrics(self, targets, predictions):
-        self.accuracy.update_state(targets["ids"], predictions, sample_weight=targets["weights"])
 
 
 @kerasllm.hookimpl

@@ -13,11 +13,11 @@ import keras
 import keras_hub
 
 import kerasllm
-from kerasllm.heads import weighted_sparse_cross_entropy
+from kerasllm.heads import TokenPredictionHead
 from kerasllm.tokenizers import special_tokens
 
 
-class MaskedLM(kerasllm.Head):
+class MaskedLM(TokenPredictionHead):
     """Args:
         selection_rate: fraction of non-special tokens selected for prediction.
         mask_token_rate: of the selected, the fraction replaced by the mask token.
@@ -58,10 +58,6 @@ class MaskedLM(kerasllm.Head):
             kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
             name="lm_head",
         )
-        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name=f"{self.name}_accuracy")
-        self.selection_rate = selection_rate
-        self.mask_token_rate = mask_token_rate
-        self.random_token_rate = random_token_rate
 
     def build(self, sequence_output_shape):
         self.lm_head.build(sequence_output_shape, (None, None))
@@ -75,12 +71,6 @@ class MaskedLM(kerasllm.Head):
     def call(self, backbone_outputs, inputs, training=False):
         return self.lm_head(backbone_outputs["sequence_output"],
                             mask_positions=inputs["mask_positions"])
-
-    def compute_loss(self, targets, predictions):
-        return weighted_sparse_cross_entropy(targets["ids"], predictions, targets["weights"])
-
-    def update_metrics(self, targets, predictions):
-        self.accuracy.update_state(targets["ids"], predictions, sample_weight=targets["weights"])
 
 
 @kerasllm.hookimpl
