@@ -87,10 +87,16 @@ class SelfAttention(keras.layers.Layer):
     def call(self, hidden, padding_mask, training=False):
         qkv = self.qkv(hidden)
         rate = self.dropout if training else 0.0
-        seed = keras.random.randint((2,), 0, 2**31 - 1, seed=self.seed_generator)
+        # Draw from the seed stream only when dropout applies: evaluation must not
+        # advance it, or a resumed run (which evaluates first) drifts from the
+        # uninterrupted one.
+        if rate:
+            seed = tf.cast(keras.random.randint((2,), 0, 2**31 - 1, seed=self.seed_generator),
+                           tf.int32)
+        else:
+            seed = tf.zeros((2,), tf.int32)
         context = attention_core(
-            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], padding_mask,
-            tf.cast(seed, tf.int32), self.causal, rate,
+            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], padding_mask, seed, self.causal, rate,
         )
         return self.output_projection(context)
 

@@ -151,3 +151,16 @@ def test_backbone_keras_round_trip(tmp_path, causal):
     assert restored.get_config() == backbone.get_config()
     for name in ("sequence_output", "pooled_output"):
         np.testing.assert_array_equal(restored(batch)[name], backbone(batch)[name])
+
+
+def test_evaluation_does_not_advance_the_dropout_seed_stream():
+    # A resumed run evaluates before training; drawing seeds there would shift
+    # every later dropout mask away from the uninterrupted run's.
+    layer = SelfAttention(3, dropout=0.1)
+    hidden = np.random.default_rng(0).normal(size=(2, 5, 24)).astype("float32")
+    layer(hidden, np.ones((2, 5), "int32"))
+    state = layer.seed_generator.state.numpy().copy()
+    layer(hidden, np.ones((2, 5), "int32"), training=False)
+    np.testing.assert_array_equal(layer.seed_generator.state.numpy(), state)
+    layer(hidden, np.ones((2, 5), "int32"), training=True)
+    assert (layer.seed_generator.state.numpy() != state).any()
