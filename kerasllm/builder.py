@@ -32,7 +32,7 @@ def build_model(config, tokenizer=None, *, registry=None):
     """
     config = load_config(config)
     registry = registry or get_registry()
-    check_plugins(config, registry)
+    check_plugins(config, registry, tokenizer=tokenizer is None)
     if tokenizer is None:
         tokenizer = build_tokenizer(config, registry)
     model = KerasLLMModel(config.to_dict(), tokenizer, registry=registry)
@@ -41,8 +41,14 @@ def build_model(config, tokenizer=None, *, registry=None):
 
 
 def load_model(path):
-    """A model saved with ``model.save("….keras")``, reloaded in safe mode."""
+    """A model saved with ``model.save("….keras")``, reloaded in safe mode.
+
+    ``path`` is the ``.keras`` file, or a folder holding ``model.keras`` (what
+    ``kerasllm convert`` and ``kerasllm pretrain`` write).
+    """
     path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / "model.keras"
     if not path.is_file():
         raise KerasLLMError(f"model file not found: {path}")
     get_registry()  # importing the plugins registers their Keras classes
@@ -78,10 +84,12 @@ def build_tokenizer(config, registry=None, examples=None):
     )
 
 
-def check_plugins(config, registry=None):
-    """Resolve every plugin name and option of a config, before any slow work."""
+def check_plugins(config, registry=None, tokenizer=True):
+    """Resolve every plugin name and option of a config, before any slow work
+    (the tokenizer's only with ``tokenizer``: not when one is given ready-made)."""
     registry = registry or get_registry()
-    registry.get("tokenizer", config.tokenizer.name, "tokenizer.name")
+    if tokenizer:
+        registry.get("tokenizer", config.tokenizer.name, "tokenizer.name")
     source = registry.get("data source", config.data.source, "data.source")
     _check_options(source, config.data.options, "data.options",
                    f"data source '{config.data.source}'", ())

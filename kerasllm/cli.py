@@ -38,6 +38,17 @@ def _parser():
     pretrain.add_argument("--output", help="output folder (overrides training.output)")
     pretrain.set_defaults(run=_pretrain)
 
+    convert = commands.add_parser(
+        "convert", help="import a Hugging Face checkpoint as a kerasllm model",
+        description="Import a checkpoint directory written by transformers' save_pretrained "
+                    "(config.json, model.safetensors or its shards, tokenizer files) and save "
+                    "it as OUT/model.keras, which kerasllm.load_model(OUT) loads.",
+    )
+    convert.add_argument("--from-hf", required=True, metavar="DIR", dest="source",
+                         help="the Hugging Face checkpoint directory")
+    convert.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    convert.set_defaults(run=_convert)
+
     plugins = commands.add_parser("plugins", help="inspect installed plugins",
                                   description="Inspect installed plugins.")
     plugin_commands = plugins.add_subparsers(title="commands", metavar="COMMAND")
@@ -73,6 +84,26 @@ def _pretrain(args):
     print(f"{'metric':<24}{'before':>12}{'after':>12}")
     for name in sorted(end):
         print(f"{name:<24}{start[name]:>12.4f}{end[name]:>12.4f}")
+
+
+def _convert(args):
+    import os
+    import pathlib
+
+    from kerasllm.hf import from_hf
+
+    model = from_hf(args.source)
+    output = pathlib.Path(args.out)
+    output.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed: an interrupted convert leaves no half model.keras.
+    partial = output / "model.partial.keras"
+    model.save(partial)
+    os.replace(partial, output / "model.keras")
+    config = model.config.model
+    heads = ", ".join(head.name for head in model.heads) or "none (backbone only)"
+    print(f"{config.family} {config.kind}: {config.num_layers} layers, hidden "
+          f"{config.hidden_dim}, {model.count_params():,} parameters; heads: {heads}")
+    print(f"saved {output / 'model.keras'}")
 
 
 def _plugins_list(args):

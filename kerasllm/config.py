@@ -16,35 +16,81 @@ from typing import Literal, Optional
 import yaml
 
 from kerasllm.errors import ConfigError
+from kerasllm.presets import family_preset
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    """The backbone. ``vocabulary_size`` comes from the tokenizer."""
+    """The backbone (see :class:`kerasllm.Backbone` for every argument).
 
-    kind: Literal["encoder", "decoder"] = "encoder"  # bidirectional or causal
+    ``family`` fills in the other fields from a preset (``kerasllm.presets``:
+    bert, roberta, gpt2, llama, t5, t5_v1_1); keys given alongside it override
+    the preset's. ``vocabulary_size`` defaults to the tokenizer's.
+    """
+
+    family: Optional[str] = None
+    kind: Literal["encoder", "decoder", "encoder_decoder"] = "encoder"
     num_layers: int = 2
+    num_decoder_layers: Optional[int] = None  # encoder_decoder; default num_layers
     num_heads: int = 4
+    num_key_value_heads: Optional[int] = None  # grouped-query attention; default num_heads
+    head_dim: Optional[int] = None  # default hidden_dim // num_heads
     hidden_dim: int = 128
     intermediate_dim: int = 512
     max_sequence_length: int = 128
+    vocabulary_size: Optional[int] = None  # default: the tokenizer's
     num_segments: int = 2  # 0: no segment embedding and no `segment_ids` input
     dropout: float = 0.1
-    norm_first: bool = False  # pre-LN (GPT-2) instead of post-LN (BERT)
-    activation: Literal["gelu", "gelu_approximate", "relu"] = "gelu"
+    norm: Literal["layer", "rms"] = "layer"
+    norm_first: bool = False  # pre-norm (GPT-2, Llama, T5) instead of post-norm (BERT)
+    activation: Literal["gelu", "gelu_approximate", "relu", "silu"] = "gelu"
+    gated_feed_forward: bool = False  # SwiGLU (silu), gated-GELU (gelu_approximate)
+    use_bias: bool = True
+    position_embedding: Literal["learned", "rotary", "relative"] = "learned"
+    position_offset: int = 0  # first row of the learned position table (RoBERTa: 2)
+    rotary_theta: float = 10000.0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    scale_scores: bool = True  # 1/sqrt(head_dim) attention scaling (T5: false)
+    tie_embeddings: bool = True  # the output projection is the token embedding
+    scale_logits: bool = False  # hidden_dim ** -0.5 before the output projection (T5)
     layer_norm_epsilon: float = 1e-12
-    pooler: bool = True  # tanh-dense over the first token: `pooled_output`
+    pooler: Optional[bool] = None  # `pooled_output`, tanh-dense over the first token;
+    # default: encoders only
 
     def validate(self, where):
         _positive(self, where, "num_layers", "num_heads", "hidden_dim",
-                  "intermediate_dim", "max_sequence_length", "layer_norm_epsilon")
-        _at_least(self, where, 0, "num_segments")
+                  "intermediate_dim", "max_sequence_length", "layer_norm_epsilon",
+                  "rotary_theta", "relative_buckets", "relative_max_distance")
+        _positive_or_none(self, where, "num_decoder_layers", "num_key_value_heads",
+                          "head_dim", "vocabulary_size")
+        _at_least(self, where, 0, "num_segments", "position_offset")
         _fraction(self, where, "dropout")
-        if self.hidden_dim % self.num_heads:
+        if self.head_dim is None and self.hidden_dim % self.num_heads:
             raise ConfigError(
                 f"{where}.hidden_dim ({self.hidden_dim}) must be divisible by "
+                f"{where}.num_heads ({self.num_heads}), or give {where}.head_dim"
+            )
+        if self.num_key_value_heads and self.num_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"{where}.num_key_value_heads ({self.num_key_value_heads}) must divide "
                 f"{where}.num_heads ({self.num_heads})"
             )
+        if self.kind == "encoder_decoder" and self.num_segments:
+            raise ConfigError(f"{where}.num_segments must be 0 for an encoder_decoder model")
+        if self.num_decoder_layers and self.kind != "encoder_decoder":
+            raise ConfigError(f"{where}.num_decoder_layers needs {where}.kind: encoder_decoder")
+        if self.pooler is True and self.kind != "encoder":
+            raise ConfigError(f"{where}.pooler needs {where}.kind: encoder; set it to false")
+        if self.position_offset and self.position_embedding != "learned":
+            raise ConfigError(f"{where}.position_offset needs learned position embeddings")
+        if self.position_embedding == "rotary" and self.head_size % 2:
+            raise ConfigError(f"{where}: rotary positions need an even head size, "
+                              f"got {self.head_size}")
+
+    @property
+    def head_size(self):
+        return self.head_dim or self.hidden_dim // self.num_heads
 
 
 @dataclasses.dataclass
@@ -131,18 +177,21 @@ class Config:
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
 
     def validate(self, where=""):
-        if bool(self.objectives) == bool(self.head):
+        if self.objectives and self.head:
             raise ConfigError(
                 "give either `objectives` (a list, for pretraining) or `head` "
-                "(for fine-tuning), not both and not neither"
+                "(for fine-tuning), not both"
             )
         names = [objective.name for objective in self.objectives]
         for duplicate in {n for n in names if names.count(n) > 1}:
             raise ConfigError(f"objective '{duplicate}' appears twice in objectives")
-        if self.data.sequence_length > self.model.max_sequence_length:
+        longest = self.model.max_sequence_length - self.model.position_offset
+        if self.data.sequence_length > longest:
+            offset = f" - model.position_offset ({self.model.position_offset})" \
+                if self.model.position_offset else ""
             raise ConfigError(
                 f"data.sequence_length ({self.data.sequence_length}) exceeds "
-                f"model.max_sequence_length ({self.model.max_sequence_length})"
+                f"model.max_sequence_length ({self.model.max_sequence_length}){offset}"
             )
 
     def to_dict(self):
@@ -193,6 +242,8 @@ def _read_yaml(path):
 def _build(cls, data, where):
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    if cls is ModelConfig and data.get("family") is not None:
+        data = {**family_preset(data["family"], f"{where}.family"), **data}
     hints = typing.get_type_hints(cls)
     fields = {field.name for field in dataclasses.fields(cls)}
     unknown = sorted(set(data) - fields)
@@ -252,6 +303,10 @@ def _coerce(hint, value, key):
 
 def _positive(config, where, *names):
     _at_least(config, where, None, *names)
+
+
+def _positive_or_none(config, where, *names):
+    _positive(config, where, *(name for name in names if getattr(config, name) is not None))
 
 
 def _at_least(config, where, minimum, *names):

@@ -3,7 +3,8 @@
 raw examples (``{"text": ..., ...}``) → tokenize in batches → pretraining:
 split each document into sequence-length chunks (never truncated) / fine-tuning:
 one sequence per example, truncated by the packer → shuffle → repeat → batch →
-pack (``[CLS] … [SEP]``, padding) → each head's ``prepare`` → ``(x, y)``.
+pack (the start and end tokens the tokenizer adds, e.g. ``[CLS] … [SEP]``, ``<s> …``
+or none; padding) → each head's ``prepare`` → ``(x, y)``.
 """
 
 import keras_hub
@@ -48,7 +49,8 @@ def build_dataset(model, examples, batch_size, sequence_length, *, shuffle_buffe
     """Batches ``(x, y)`` for ``model.fit``/``evaluate`` from a dataset of raw examples."""
     tokenizer = model.tokenizer
     tokens = special_tokens(tokenizer)
-    content_length = sequence_length - 2  # room for the start and end tokens
+    # Room for the start and end tokens the tokenizer adds (two for BERT, none for GPT-2).
+    content_length = sequence_length - tokens.add_start - tokens.add_end
 
     def tokenize(batch):
         return {**batch, "token_ids": tokenizer(batch["text"])}
@@ -65,10 +67,7 @@ def build_dataset(model, examples, batch_size, sequence_length, *, shuffle_buffe
         dataset = dataset.repeat()
     dataset = dataset.ragged_batch(batch_size)
 
-    packer = keras_hub.layers.StartEndPacker(
-        sequence_length, start_value=tokens.start, end_value=tokens.end,
-        pad_value=tokens.pad, return_padding_mask=True,
-    )
+    packer = start_end_packer(tokenizer, sequence_length)
 
     def pack(batch):
         token_ids, padding_mask = packer(batch.pop("token_ids"))
@@ -82,6 +81,20 @@ def build_dataset(model, examples, batch_size, sequence_length, *, shuffle_buffe
     # fixed order of draws makes a seeded run, and a resumed one, reproducible.
     dataset = dataset.map(model.prepare_batch)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def start_end_packer(tokenizer, sequence_length):
+    """keras-hub's ``StartEndPacker`` adding the tokens ``tokenizer`` adds around one sequence.
+
+    It returns ``(token_ids, padding_mask)``. Without a pad token (GPT-2, Llama)
+    it pads with the end token: padded positions are masked, so the id does not matter.
+    """
+    tokens = special_tokens(tokenizer)
+    return keras_hub.layers.StartEndPacker(
+        sequence_length, start_value=tokens.start if tokens.add_start else None,
+        end_value=tokens.end if tokens.add_end else None,
+        pad_value=tokens.pad, return_padding_mask=True,
+    )
 
 
 def _chunks(token_ids, size):

@@ -33,8 +33,9 @@ def pretrain(config, *, steps=None, output=None, callbacks=(), verbose="auto", l
     training = dataclasses.replace(
         config.training, **{k: v for k, v in overrides.items() if v is not None})
     config = load_config({**config.to_dict(), "training": dataclasses.asdict(training)})
-    if config.head is not None:
-        raise ConfigError("pretrain needs `objectives`; this config has a task `head`")
+    if not config.objectives:
+        raise ConfigError("pretrain needs `objectives`; this config has "
+                          + ("a task `head`" if config.head else "none"))
     registry = get_registry()
     check_plugins(config, registry)  # a typo fails now, not after tokenizer training
     output = pathlib.Path(training.output)

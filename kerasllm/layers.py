@@ -1,13 +1,23 @@
 """The Transformer layer set: one configurable set for every architecture family.
 
-Data flows: ``TextEmbedding`` → ``TransformerBlock`` × N (each a
-``SelfAttention`` and a ``FeedForward``, pre-LN or post-LN) → the backbone's
-outputs. The attention core (scores, mask, softmax, dropout, weighted sum) is a
+Data flows: ``TextEmbedding`` → ``TransformerBlock`` × N (an ``Attention``, in
+encoder–decoder models a second, cross ``Attention``, and a ``FeedForward``,
+each pre-norm or post-norm) → the backbone's outputs. The families differ only
+in arguments: the norm (layer or RMS), the feed-forward (plain or gated, its
+activation), the positions (learned, rotary or T5's relative bias), biases,
+grouped-query attention and the attention scale.
+
+The attention core (scores, mask, bias, softmax, dropout, weighted sum) is a
 ``tf.function(jit_compile=True)``: XLA fuses it per layer, and unlike a
 whole-step ``jit_compile=True`` it keeps working under ``MirroredStrategy`` on
 CPU devices, where compiling the whole step fails with "Trying to access
 resource ... located in device CPU:1 from device CPU:0".
+
+Attention and blocks take an optional key/value ``cache`` for incremental
+decoding: the same code serves training, evaluation and generation.
 """
+
+import math
 
 import keras
 import keras_hub
@@ -17,33 +27,48 @@ ACTIVATIONS = {
     "gelu": lambda x: keras.activations.gelu(x, approximate=False),
     "gelu_approximate": lambda x: keras.activations.gelu(x, approximate=True),
     "relu": keras.activations.relu,
+    "silu": keras.activations.silu,
 }
 
 
+def make_norm(norm, epsilon, name):
+    """``layer``: mean and variance, scale and bias (BERT, GPT-2); ``rms``: root
+    mean square and scale only (T5, Llama)."""
+    if norm == "rms":
+        return keras.layers.RMSNormalization(epsilon=epsilon, name=name)
+    return keras.layers.LayerNormalization(epsilon=epsilon, name=name)
+
+
 @tf.function(jit_compile=True, reduce_retracing=True)
-def attention_core(query, key, value, padding_mask, seed, causal, dropout_rate):
-    """Scaled dot-product attention, compiled by XLA.
+def attention_core(query, key, value, allowed, bias, seed, scale, dropout_rate):
+    """Dot-product attention with grouped key/value heads, compiled by XLA.
 
     Args:
-        query, key, value: ``(batch, length, heads, head_dim)``; query unscaled.
-        padding_mask: ``(batch, length)``, true for real tokens.
+        query: ``(batch, query_length, heads, head_dim)``.
+        key, value: ``(batch, key_length, kv_heads, head_dim)``; ``heads`` is a
+            multiple of ``kv_heads`` and key/value head ``n`` serves the query
+            heads ``n * heads / kv_heads`` onwards (as Hugging Face's ``repeat_kv``).
+        allowed: bool ``(batch, query_length, key_length)``.
+        bias: ``(1 or batch, heads, query_length, key_length)`` added to the
+            scores (T5's relative position bias), or None.
         seed: int32 ``(2,)`` seed for stateless attention dropout.
-        causal: python bool, mask future positions.
+        scale: python float multiplying the query.
         dropout_rate: python float; 0 disables dropout.
     Returns:
-        ``(batch, length, heads, head_dim)``.
+        ``(batch, query_length, heads, head_dim)``.
     """
-    head_dim = tf.shape(query)[-1]
-    query = query * tf.math.rsqrt(tf.cast(head_dim, query.dtype))
-    scores = tf.einsum("bqhd,bkhd->bhqk", query, key)
-    allowed = tf.cast(padding_mask, tf.bool)[:, None, None, :]
-    if causal:
-        length = tf.shape(query)[1]
-        lower = tf.linalg.band_part(tf.ones((length, length), tf.bool), -1, 0)
-        allowed = tf.logical_and(allowed, lower[None, None])
+    batch, query_length, heads, head_dim = tf.unstack(tf.shape(query))
+    kv_heads = tf.shape(key)[2]
+    key_length = tf.shape(key)[1]
+    groups = heads // kv_heads
+    grouped = tf.reshape(query * scale, [batch, query_length, kv_heads, groups, head_dim])
+    scores = tf.einsum("bqngd,bknd->bngqk", grouped, key)
+    scores = tf.reshape(tf.cast(scores, tf.float32), [batch, heads, query_length, key_length])
+    if bias is not None:
+        scores += tf.cast(bias, tf.float32)
     # Softmax in float32 whatever the compute dtype; a large negative (not -inf)
     # keeps fully masked rows (padding queries) finite.
-    scores = tf.where(allowed, tf.cast(scores, tf.float32), -1e9)
+    scores = tf.where(allowed[:, None], scores, -1e9)
     weights = tf.nn.softmax(scores, axis=-1)
     if dropout_rate > 0:
         # Philox named explicitly: XLA on CPU runs the default "auto_select"
@@ -51,41 +76,127 @@ def attention_core(query, key, value, padding_mask, seed, causal, dropout_rate):
         keep = tf.random.stateless_uniform(
             tf.shape(weights), seed=seed, alg="philox") >= dropout_rate
         weights = tf.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    return tf.einsum("bhqk,bkhd->bqhd", tf.cast(weights, value.dtype), value)
+    weights = tf.reshape(tf.cast(weights, value.dtype),
+                         [batch, kv_heads, groups, query_length, key_length])
+    context = tf.einsum("bngqk,bknd->bqngd", weights, value)
+    return tf.reshape(context, [batch, query_length, heads, head_dim])
+
+
+def apply_rotary(x, positions, theta):
+    """Rotary position embedding (RoPE) in the half-split layout of Hugging Face's
+    Llama: feature ``i`` pairs with ``i + head_dim / 2``.
+
+    ``x``: ``(batch, length, heads, head_dim)``; ``positions``: ``(length,)``.
+    """
+    head_dim = x.shape[-1]
+    inverse_frequency = 1.0 / tf.pow(
+        tf.constant(theta, tf.float32), tf.range(0, head_dim, 2, dtype=tf.float32) / head_dim)
+    angles = tf.cast(positions, tf.float32)[:, None] * inverse_frequency[None, :]
+    angles = tf.concat([angles, angles], axis=-1)[None, :, None, :]
+    cos, sin = tf.cast(tf.cos(angles), x.dtype), tf.cast(tf.sin(angles), x.dtype)
+    first, second = tf.split(x, 2, axis=-1)
+    return x * cos + tf.concat([-second, first], axis=-1) * sin
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
-class SelfAttention(keras.layers.Layer):
-    """Multi-head self-attention with a fused QKV projection and the XLA core.
+class Attention(keras.layers.Layer):
+    """Multi-head attention: self-attention, or cross-attention to a ``context``.
 
     Args:
-        num_heads: number of attention heads; ``hidden_dim`` must divide by it.
-        causal: mask future positions (decoders).
+        num_heads: query heads.
+        num_key_value_heads: key/value heads (grouped-query attention); must
+            divide ``num_heads``; default ``num_heads``, 1 is multi-query.
+        head_dim: per-head size; default ``hidden_dim // num_heads``.
+        causal: mask future positions (decoder self-attention).
+        use_bias: biases on the projections.
+        scale_scores: divide scores by ``sqrt(head_dim)``; T5 does not.
+        rotary_theta: apply rotary embeddings with this base to queries and
+            keys; None for none.
         dropout: dropout rate on the attention probabilities.
     """
 
-    def __init__(self, num_heads, causal=False, dropout=0.0, **kwargs):
+    def __init__(self, num_heads, num_key_value_heads=None, head_dim=None, causal=False,
+                 use_bias=True, scale_scores=True, rotary_theta=None, dropout=0.0,
+                 kernel_initializer=None, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
+        self.num_key_value_heads = num_key_value_heads or num_heads
+        self.head_dim = head_dim
         self.causal = causal
+        self.use_bias = use_bias
+        self.scale_scores = scale_scores
+        self.rotary_theta = rotary_theta
         self.dropout = dropout
+        self.kernel_initializer = kernel_initializer or keras.initializers.TruncatedNormal(
+            stddev=0.02)
         self.seed_generator = keras.random.SeedGenerator()
 
-    def build(self, input_shape):
-        hidden_dim = input_shape[-1]
-        head_dim = hidden_dim // self.num_heads
-        self.qkv = keras.layers.EinsumDense(
-            "btd,dnhk->btnhk", output_shape=(None, 3, self.num_heads, head_dim),
-            bias_axes="nhk", name="qkv",
-        )
-        self.qkv.build(input_shape)
-        self.output_projection = keras.layers.EinsumDense(
-            "bthk,hkd->btd", output_shape=(None, hidden_dim), bias_axes="d", name="output",
-        )
-        self.output_projection.build((*input_shape[:-1], self.num_heads, head_dim))
+    def build(self, hidden_shape, padding_mask_shape=None, context_shape=None):
+        hidden_dim = hidden_shape[-1]
+        head_dim = self.head_dim or hidden_dim // self.num_heads
+        self._head_dim = head_dim
+        context_shape = context_shape or hidden_shape
 
-    def call(self, hidden, padding_mask, training=False):
-        qkv = self.qkv(hidden)
+        def projection(name, heads, shape):
+            layer = keras.layers.EinsumDense(
+                "btd,dnh->btnh", output_shape=(None, heads, head_dim),
+                bias_axes="nh" if self.use_bias else None,
+                kernel_initializer=self.kernel_initializer, name=name,
+            )
+            layer.build(shape)
+            return layer
+
+        self.query = projection("query", self.num_heads, hidden_shape)
+        self.key = projection("key", self.num_key_value_heads, context_shape)
+        self.value = projection("value", self.num_key_value_heads, context_shape)
+        self.output_projection = keras.layers.EinsumDense(
+            "btnh,nhd->btd", output_shape=(None, hidden_dim),
+            bias_axes="d" if self.use_bias else None,
+            kernel_initializer=self.kernel_initializer, name="output",
+        )
+        self.output_projection.build((*hidden_shape[:-1], self.num_heads, head_dim))
+
+    def project_context(self, context):
+        """Keys and values of a cross-attention context: computed once per
+        generation and then passed as ``context``."""
+        return self.key(context), self.value(context)
+
+    def call(self, hidden, padding_mask, context=None, bias=None, cache=None, cache_index=0,
+             training=False):
+        """Attention from ``hidden`` to itself, or to ``context``.
+
+        Args:
+            hidden: ``(batch, length, hidden_dim)``.
+            padding_mask: ``(batch, key_length)``, true for the keys that may be
+                attended to.
+            context: cross-attention: the sequence to attend to, or its
+                ``project_context`` pair computed earlier.
+            bias: added to the scores, ``(1 or batch, heads, length, key_length)``.
+            cache: self-attention during incremental decoding: a ``(keys, values)``
+                pair of ``(batch, max_length, kv_heads, head_dim)``; this call's
+                keys and values are written at ``cache_index`` and the call
+                returns ``(output, cache)``.
+            cache_index: position of ``hidden``'s first token.
+        """
+        query_positions = cache_index + tf.range(tf.shape(hidden)[1])
+        query = self.query(hidden)
+        if context is not None:
+            key, value = context if isinstance(context, tuple) else self.project_context(context)
+        else:
+            key, value = self.key(hidden), self.value(hidden)
+            if self.rotary_theta:
+                query = apply_rotary(query, query_positions, self.rotary_theta)
+                key = apply_rotary(key, query_positions, self.rotary_theta)
+            if cache is not None:
+                start = [0, cache_index, 0, 0]
+                key = keras.ops.slice_update(cache[0], start, key)
+                value = keras.ops.slice_update(cache[1], start, value)
+                cache = (key, value)
+        allowed = tf.cast(padding_mask, tf.bool)[:, None, :]
+        if self.causal:
+            key_positions = tf.range(tf.shape(key)[1])
+            allowed = tf.logical_and(allowed, key_positions[None, None, :]
+                                     <= query_positions[None, :, None])
         rate = self.dropout if training else 0.0
         # Draw from the seed stream only when dropout applies: evaluation must not
         # advance it, or a resumed run (which evaluates first) drifts from the
@@ -95,82 +206,215 @@ class SelfAttention(keras.layers.Layer):
                            tf.int32)
         else:
             seed = tf.zeros((2,), tf.int32)
-        context = attention_core(
-            qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], padding_mask, seed, self.causal, rate,
-        )
-        return self.output_projection(context)
+        scale = 1 / math.sqrt(self._head_dim) if self.scale_scores else 1.0
+        context = attention_core(query, key, value, allowed, bias, seed, scale, rate)
+        output = self.output_projection(context)
+        return output if cache is None else (output, cache)
 
     def get_config(self):
-        return {**super().get_config(), "num_heads": self.num_heads,
-                "causal": self.causal, "dropout": self.dropout}
+        return {
+            **super().get_config(), "num_heads": self.num_heads,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "causal": self.causal, "use_bias": self.use_bias,
+            "scale_scores": self.scale_scores, "rotary_theta": self.rotary_theta,
+            "dropout": self.dropout,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
 class FeedForward(keras.layers.Layer):
-    """Position-wise feed-forward: dense → activation → dense."""
+    """Position-wise feed-forward: ``output(act(intermediate(x)))``, or gated
+    (``output(act(gate(x)) * intermediate(x))``: SwiGLU with ``silu``, T5 v1.1's
+    gated-GELU with ``gelu_approximate``)."""
 
-    def __init__(self, intermediate_dim, activation="gelu", **kwargs):
+    def __init__(self, intermediate_dim, activation="gelu", gated=False, use_bias=True,
+                 kernel_initializer=None, **kwargs):
         super().__init__(**kwargs)
         self.intermediate_dim = intermediate_dim
         self.activation = activation
+        self.gated = gated
+        self.use_bias = use_bias
+        self.kernel_initializer = kernel_initializer or keras.initializers.TruncatedNormal(
+            stddev=0.02)
 
     def build(self, input_shape):
-        self.intermediate = keras.layers.Dense(self.intermediate_dim, name="intermediate")
-        self.intermediate.build(input_shape)
-        self.output_projection = keras.layers.Dense(input_shape[-1], name="output")
-        self.output_projection.build((*input_shape[:-1], self.intermediate_dim))
+        def dense(units, name, shape):
+            layer = keras.layers.Dense(units, use_bias=self.use_bias, name=name,
+                                       kernel_initializer=self.kernel_initializer)
+            layer.build(shape)
+            return layer
+
+        self.intermediate = dense(self.intermediate_dim, "intermediate", input_shape)
+        self.gate = dense(self.intermediate_dim, "gate", input_shape) if self.gated else None
+        self.output_projection = dense(
+            input_shape[-1], "output", (*input_shape[:-1], self.intermediate_dim))
 
     def call(self, hidden):
-        return self.output_projection(ACTIVATIONS[self.activation](self.intermediate(hidden)))
+        activation = ACTIVATIONS[self.activation]
+        if self.gated:
+            inner = activation(self.gate(hidden)) * self.intermediate(hidden)
+        else:
+            inner = activation(self.intermediate(hidden))
+        return self.output_projection(inner)
 
     def get_config(self):
         return {**super().get_config(), "intermediate_dim": self.intermediate_dim,
-                "activation": self.activation}
+                "activation": self.activation, "gated": self.gated, "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+
+
+@keras.saving.register_keras_serializable(package="kerasllm")
+class RelativePositionBias(keras.layers.Layer):
+    """T5's attention bias: one learned scalar per head and bucket of relative
+    distance (exact up to ``num_buckets / 2``, log-spaced up to ``max_distance``,
+    then clipped), shared by every layer of a stack.
+
+    Args:
+        num_heads: heads of the stack.
+        num_buckets, max_distance: the bucketing.
+        bidirectional: encoder (keys on both sides) or decoder (keys behind).
+    """
+
+    def __init__(self, num_heads, num_buckets=32, max_distance=128, bidirectional=True,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.bidirectional = bidirectional
+
+    def build(self, input_shape=None):
+        self.embeddings = self.add_weight(
+            name="embeddings", shape=(self.num_buckets, self.num_heads),
+            initializer=keras.initializers.RandomNormal(stddev=self.num_heads ** -0.5),
+        )
+
+    def bucket(self, relative_position):
+        """Bucket ids of ``key_position - query_position``, with Hugging Face's
+        float32 arithmetic in the same order, so boundary distances (16, 32, 64
+        for the defaults) land in the same bucket."""
+        buckets = tf.zeros_like(relative_position)
+        num_buckets = self.num_buckets
+        if self.bidirectional:
+            num_buckets //= 2
+            buckets += tf.cast(relative_position > 0, relative_position.dtype) * num_buckets
+            distance = tf.abs(relative_position)
+        else:
+            distance = -tf.minimum(relative_position, 0)
+        max_exact = num_buckets // 2
+        ratio = tf.cast(tf.maximum(distance, 1), tf.float32) / max_exact
+        large = max_exact + tf.cast(
+            tf.math.log(ratio) / math.log(self.max_distance / max_exact)
+            * (num_buckets - max_exact), distance.dtype)
+        large = tf.minimum(large, num_buckets - 1)
+        return buckets + tf.where(distance < max_exact, distance, large)
+
+    def call(self, hidden, key_length=None, query_offset=0):
+        """The bias ``(1, heads, length, key_length)`` for the queries of
+        ``hidden``, at positions ``query_offset`` onwards; ``key_length``
+        defaults to ``hidden``'s length."""
+        query_length = tf.shape(hidden)[1]
+        key_length = query_length if key_length is None else key_length
+        query_positions = query_offset + tf.range(query_length)
+        relative = tf.range(key_length)[None, :] - query_positions[:, None]
+        bias = tf.gather(self.embeddings, self.bucket(relative))
+        return tf.transpose(bias, [2, 0, 1])[None]
+
+    def get_config(self):
+        return {**super().get_config(), "num_heads": self.num_heads,
+                "num_buckets": self.num_buckets, "max_distance": self.max_distance,
+                "bidirectional": self.bidirectional}
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
 class TransformerBlock(keras.layers.Layer):
-    """Attention and feed-forward sub-layers, each with a residual and a layer norm.
+    """Self-attention, optional cross-attention and feed-forward sub-layers, each
+    with a residual and a norm.
 
     Args:
-        num_heads, intermediate_dim, activation: sub-layer sizes.
+        num_heads, num_key_value_heads, head_dim, intermediate_dim: sizes.
+        activation, gated: the feed-forward (see ``FeedForward``).
         causal: causal self-attention.
-        norm_first: pre-LN (normalise the sub-layer input, GPT-2) instead of
-            post-LN (normalise the residual sum, BERT).
+        cross_attention: add a cross-attention sub-layer (encoder–decoder decoders).
+        norm: ``layer`` or ``rms``.
+        norm_first: pre-norm (normalise the sub-layer input: GPT-2, Llama, T5)
+            instead of post-norm (normalise the residual sum: BERT).
+        use_bias: biases on attention and feed-forward projections.
+        scale_scores, rotary_theta: see ``Attention``.
         dropout: on attention probabilities and sub-layer outputs.
-        layer_norm_epsilon: epsilon of both layer norms.
+        layer_norm_epsilon: epsilon of the norms.
     """
 
-    def __init__(self, num_heads, intermediate_dim, activation="gelu", causal=False,
-                 norm_first=False, dropout=0.0, layer_norm_epsilon=1e-12, **kwargs):
+    def __init__(self, num_heads, intermediate_dim, num_key_value_heads=None, head_dim=None,
+                 activation="gelu", gated=False, causal=False, cross_attention=False,
+                 norm="layer", norm_first=False, use_bias=True, scale_scores=True,
+                 rotary_theta=None, dropout=0.0, layer_norm_epsilon=1e-12, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
         self.activation = activation
+        self.gated = gated
         self.causal = causal
+        self.cross_attention = cross_attention
+        self.norm = norm
         self.norm_first = norm_first
+        self.use_bias = use_bias
+        self.scale_scores = scale_scores
+        self.rotary_theta = rotary_theta
         self.dropout = dropout
         self.layer_norm_epsilon = layer_norm_epsilon
 
-    def build(self, input_shape):
-        self.attention = SelfAttention(self.num_heads, self.causal, self.dropout, name="attention")
-        self.attention.build(input_shape)
-        self.feed_forward = FeedForward(self.intermediate_dim, self.activation, name="feed_forward")
-        self.feed_forward.build(input_shape)
-        self.attention_norm = keras.layers.LayerNormalization(
-            epsilon=self.layer_norm_epsilon, name="attention_norm")
-        self.attention_norm.build(input_shape)
-        self.feed_forward_norm = keras.layers.LayerNormalization(
-            epsilon=self.layer_norm_epsilon, name="feed_forward_norm")
-        self.feed_forward_norm.build(input_shape)
+    def build(self, hidden_shape, padding_mask_shape=None, context_shape=None):
+        def attention(name, causal, rotary_theta):
+            return Attention(
+                self.num_heads, self.num_key_value_heads, self.head_dim, causal=causal,
+                use_bias=self.use_bias, scale_scores=self.scale_scores,
+                rotary_theta=rotary_theta, dropout=self.dropout, name=name,
+            )
+
+        def norm(name):
+            layer = make_norm(self.norm, self.layer_norm_epsilon, name)
+            layer.build(hidden_shape)
+            return layer
+
+        self.attention = attention("attention", self.causal, self.rotary_theta)
+        self.attention.build(hidden_shape)
+        self.attention_norm = norm("attention_norm")
+        self.cross = self.cross_norm = None
+        if self.cross_attention:
+            self.cross = attention("cross_attention", False, None)
+            self.cross.build(hidden_shape, context_shape=context_shape or hidden_shape)
+            self.cross_norm = norm("cross_attention_norm")
+        self.feed_forward = FeedForward(self.intermediate_dim, self.activation, self.gated,
+                                        self.use_bias, name="feed_forward")
+        self.feed_forward.build(hidden_shape)
+        self.feed_forward_norm = norm("feed_forward_norm")
         self.output_dropout = keras.layers.Dropout(self.dropout)
 
-    def call(self, hidden, padding_mask, training=False):
-        hidden = self._residual(
-            hidden, self.attention_norm, training,
-            lambda x: self.attention(x, padding_mask, training=training),
-        )
-        return self._residual(hidden, self.feed_forward_norm, training, self.feed_forward)
+    def call(self, hidden, padding_mask, position_bias=None, context=None, context_mask=None,
+             cache=None, cache_index=0, training=False):
+        """``context``: the encoder output (or its ``project_context`` pair, when
+        decoding incrementally) for the cross-attention. With a ``cache`` (the
+        self-attention's, see ``Attention``) returns ``(hidden, cache)``."""
+        def self_attention(x):
+            nonlocal cache
+            if cache is None:
+                return self.attention(x, padding_mask, bias=position_bias, training=training)
+            x, cache = self.attention(x, padding_mask, bias=position_bias, cache=cache,
+                                      cache_index=cache_index, training=training)
+            return x
+
+        hidden = self._residual(hidden, self.attention_norm, training, self_attention)
+        if self.cross is not None:
+            hidden = self._residual(
+                hidden, self.cross_norm, training,
+                lambda x: self.cross(x, context_mask, context=context, training=training),
+            )
+        hidden = self._residual(hidden, self.feed_forward_norm, training, self.feed_forward)
+        return hidden if cache is None else (hidden, cache)
 
     def _residual(self, hidden, norm, training, sublayer):
         if self.norm_first:
@@ -180,28 +424,38 @@ class TransformerBlock(keras.layers.Layer):
     def get_config(self):
         return {
             **super().get_config(), "num_heads": self.num_heads,
-            "intermediate_dim": self.intermediate_dim, "activation": self.activation,
-            "causal": self.causal, "norm_first": self.norm_first, "dropout": self.dropout,
-            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "intermediate_dim": self.intermediate_dim,
+            "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
+            "activation": self.activation, "gated": self.gated, "causal": self.causal,
+            "cross_attention": self.cross_attention, "norm": self.norm,
+            "norm_first": self.norm_first, "use_bias": self.use_bias,
+            "scale_scores": self.scale_scores, "rotary_theta": self.rotary_theta,
+            "dropout": self.dropout, "layer_norm_epsilon": self.layer_norm_epsilon,
         }
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
 class TextEmbedding(keras.layers.Layer):
-    """Token + learned position (+ segment) embeddings.
+    """Token (+ learned position) (+ segment) embeddings.
 
-    The token embedding is keras-hub's ``ReversibleEmbedding``, so language-model
-    heads tie their output projection to it (``token_embedding(x, reverse=True)``).
+    The token embedding is keras-hub's ``ReversibleEmbedding``: language-model
+    heads project back to the vocabulary with ``token_embedding(x, reverse=True)``,
+    through the same matrix (tied) or a separate one (``tie_weights=False``).
 
     Args:
-        vocabulary_size, hidden_dim, max_sequence_length: table sizes.
+        vocabulary_size, hidden_dim: table sizes.
+        max_sequence_length: rows of the learned position table; 0 for none
+            (rotary or relative positions live in the attention).
+        position_offset: index of the first position's row (RoBERTa: 2).
         num_segments: size of the segment table; 0 for none.
-        normalize: apply a layer norm to the sum (post-LN encoders such as BERT).
+        normalize: apply a norm to the sum (post-norm encoders such as BERT).
+        tie_weights: the output projection is the input embedding.
         dropout: on the output.
     """
 
     def __init__(self, vocabulary_size, hidden_dim, max_sequence_length, num_segments=0,
-                 normalize=True, dropout=0.0, layer_norm_epsilon=1e-12, **kwargs):
+                 normalize=True, dropout=0.0, layer_norm_epsilon=1e-12, position_offset=0,
+                 tie_weights=True, norm="layer", **kwargs):
         super().__init__(**kwargs)
         self.vocabulary_size = vocabulary_size
         self.hidden_dim = hidden_dim
@@ -210,35 +464,42 @@ class TextEmbedding(keras.layers.Layer):
         self.normalize = normalize
         self.dropout = dropout
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.position_offset = position_offset
+        self.tie_weights = tie_weights
+        self.norm_kind = norm
         initializer = keras.initializers.TruncatedNormal(stddev=0.02)
         self.token_embedding = keras_hub.layers.ReversibleEmbedding(
-            vocabulary_size, hidden_dim, embeddings_initializer=initializer,
-            name="token_embedding",
+            vocabulary_size, hidden_dim, tie_weights=tie_weights,
+            embeddings_initializer=initializer, name="token_embedding",
         )
         self.position_embedding = keras_hub.layers.PositionEmbedding(
             max_sequence_length, initializer=initializer, name="position_embedding",
-        )
+        ) if max_sequence_length else None
         self.segment_embedding = keras.layers.Embedding(
             num_segments, hidden_dim, embeddings_initializer=initializer,
             name="segment_embedding",
         ) if num_segments else None
-        self.norm = keras.layers.LayerNormalization(
-            epsilon=layer_norm_epsilon, name="norm") if normalize else None
+        self.norm = make_norm(norm, layer_norm_epsilon, "norm") if normalize else None
         self.output_dropout = keras.layers.Dropout(dropout)
 
     def build(self, token_ids_shape, segment_ids_shape=None):
         self.token_embedding.build(token_ids_shape)
         hidden_shape = (*token_ids_shape, self.hidden_dim)
-        self.position_embedding.build(hidden_shape)
+        if self.position_embedding is not None:
+            self.position_embedding.build(hidden_shape)
         if self.segment_embedding is not None:
             self.segment_embedding.build(token_ids_shape)
         if self.norm is not None:
             self.norm.build(hidden_shape)
 
-    def call(self, token_ids, segment_ids=None, training=False):
+    def call(self, token_ids, segment_ids=None, start_index=0, training=False):
         embedded = self.token_embedding(token_ids)
-        embedded = embedded + self.position_embedding(embedded)
+        if self.position_embedding is not None:
+            embedded = embedded + self.position_embedding(
+                embedded, start_index=self.position_offset + start_index)
         if self.segment_embedding is not None:
+            if segment_ids is None:
+                segment_ids = tf.zeros_like(token_ids)
             embedded = embedded + self.segment_embedding(segment_ids)
         if self.norm is not None:
             embedded = self.norm(embedded)
@@ -250,4 +511,6 @@ class TextEmbedding(keras.layers.Layer):
             "hidden_dim": self.hidden_dim, "max_sequence_length": self.max_sequence_length,
             "num_segments": self.num_segments, "normalize": self.normalize,
             "dropout": self.dropout, "layer_norm_epsilon": self.layer_norm_epsilon,
+            "position_offset": self.position_offset, "tie_weights": self.tie_weights,
+            "norm": self.norm_kind,
         }

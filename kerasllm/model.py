@@ -28,15 +28,11 @@ class KerasLLMModel(keras.Model):
 
         self.config = load_config(config)
         self.tokenizer = tokenizer
-        model_config = {
-            k: v for k, v in self.config.to_dict()["model"].items() if k != "kind"
-        }
-        self.backbone = Backbone(
-            vocabulary_size=tokenizer.vocabulary_size(),
-            causal=self.config.model.kind == "decoder",
-            name="backbone",
-            **model_config,
-        )
+        model_config = self.config.to_dict()["model"]
+        del model_config["family"]
+        model_config["vocabulary_size"] = (model_config["vocabulary_size"]
+                                           or tokenizer.vocabulary_size())
+        self.backbone = Backbone(name="backbone", **model_config)
         self.heads = [
             make_head(kind, where, head_config, self.backbone, tokenizer, registry)
             for where, head_config, kind in self.config.heads
@@ -58,10 +54,43 @@ class KerasLLMModel(keras.Model):
         return tuple(keys)
 
     def call(self, inputs, training=False):
+        """Each head's predictions by head name; a model without heads (an
+        imported base checkpoint) returns the backbone's outputs."""
         backbone_outputs = self.backbone(
             {key: inputs[key] for key in self.backbone.input_keys}, training=training
         )
+        if not self.heads:
+            return backbone_outputs
         return {head.name: head(backbone_outputs, inputs, training=training) for head in self.heads}
+
+    def generate(self, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top_p=1.0,
+                 seed=None, stop_token_ids=None):
+        """Continue prompts: decoder-only models and encoder–decoders (T5).
+
+        Decoding is KV-cached, with static shapes, in one XLA-compiled loop.
+
+        Args:
+            prompts: a string, a list of strings, a list of token ids, or a list
+                of such lists; prompts may differ in length.
+            max_new_tokens: tokens to add to each prompt (at most).
+            temperature: 0 picks the most likely token (greedy); above 0 samples
+                from the softmax of ``logits / temperature``.
+            top_k: sample among the ``k`` most likely tokens only; 0: all.
+            top_p: sample among the most likely tokens whose probabilities sum
+                to ``top_p`` (nucleus sampling); 1: all.
+            seed: an int for reproducible sampling; None: a fresh seed.
+            stop_token_ids: a row ends after generating one of these; default:
+                the tokenizer's end token.
+        Returns:
+            For string prompts, strings (decoder-only: prompt and continuation;
+            encoder–decoder: the decoded output); for token ids, lists of ids
+            (decoder-only: prompt and continuation, up to and including a stop
+            token). A single prompt gives a single result.
+        """
+        from kerasllm.generation import generate
+
+        return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, seed=seed, stop_token_ids=stop_token_ids)
 
     def prepare_batch(self, features):
         """tf.data: a packed batch → ``(x, y)``, each head transforming in turn."""
@@ -71,6 +100,11 @@ class KerasLLMModel(keras.Model):
         return {key: features[key] for key in self.input_keys}, targets
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        if not self.heads:
+            raise ValueError(
+                "this model has no objectives and no task head, so nothing to train; "
+                "build it with `objectives` or a `head` (e.g. kerasllm.from_hf(path, "
+                "head={...}))")
         # Kept for compute_metrics, which runs later in the same step: Keras also
         # calls compute_loss in a symbolic build pass, so no tracker updates here.
         self._head_losses = [
@@ -92,10 +126,16 @@ class KerasLLMModel(keras.Model):
 
     def get_config(self):
         config = self.config.to_dict()
-        # The vocabulary travels in the config (and the tokenizer's own assets):
-        # the backbone and heads need its size and special tokens to be rebuilt.
+        # The vocabulary travels in the config: the backbone and heads need its size
+        # and special tokens to be rebuilt. kerasllm's tokenizers carry it in their
+        # own config; keras-hub's keep it in asset files, read only after rebuilding.
         tokenizer = keras.saving.serialize_keras_object(self.tokenizer)
-        tokenizer["config"]["vocabulary"] = self.tokenizer.get_vocabulary()
+        if not tokenizer.get("registered_name", "").startswith("kerasllm>"):
+            for name in ("vocabulary", "merges"):
+                value = getattr(self.tokenizer, name, None)
+                if value is not None:
+                    tokenizer["config"][name] = dict(value) if isinstance(value, dict) \
+                        else list(value)
         return {"name": self.name, "config": config, "tokenizer": tokenizer}
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Causal language modelling: predict every next token (GPT)."""
+"""Causal language modelling: predict every next token (GPT; T5's decoder)."""
 
 import keras
 
@@ -7,23 +7,27 @@ from kerasllm.heads import TokenPredictionHead
 
 
 class CausalLM(TokenPredictionHead):
-    """Next-token prediction through the tied input embedding; no options."""
+    """Next-token prediction through the backbone's output projection (tied to
+    the token embedding or not); no options. On an encoder–decoder it predicts
+    the decoder's tokens (``decoder_token_ids``) given the encoder's input."""
 
     requires_causal = True
 
     def __init__(self, backbone, tokenizer, **kwargs):
         super().__init__(backbone, tokenizer, **kwargs)
-        self.token_embedding = backbone.token_embedding
+        self.backbone = backbone
+        self.prefix = "decoder_" if backbone.kind == "encoder_decoder" else ""
 
     def prepare(self, features):
-        token_ids, padding_mask = features["token_ids"], features["padding_mask"]
+        token_ids = features[f"{self.prefix}token_ids"]
+        padding_mask = features[f"{self.prefix}padding_mask"]
         # Position i predicts token i + 1; the last position has nothing to predict.
         labels = keras.ops.pad(token_ids[:, 1:], [[0, 0], [0, 1]])
         weights = keras.ops.pad(padding_mask[:, 1:], [[0, 0], [0, 1]])
         return features, {"ids": labels, "weights": weights}
 
     def call(self, backbone_outputs, inputs, training=False):
-        return self.token_embedding(backbone_outputs["sequence_output"], reverse=True)
+        return self.backbone.logits(backbone_outputs["sequence_output"])
 
 
 @kerasllm.hookimpl

@@ -14,6 +14,7 @@ import keras_hub
 
 import kerasllm
 from kerasllm.heads import TokenPredictionHead
+from kerasllm.layers import ACTIVATIONS
 from kerasllm.tokenizers import special_tokens
 
 
@@ -47,14 +48,17 @@ class MaskedLM(TokenPredictionHead):
             mask_token_id=tokens.mask,
             # Room for every selection: the selector picks ceil(rate * n) per row.
             mask_selection_length=math.ceil(selection_rate * sequence_length) + 1,
-            unselectable_token_ids=sorted({tokens.pad, tokens.start, tokens.end}),
+            unselectable_token_ids=sorted(
+                {t for t in (tokens.pad, tokens.start, tokens.end) if t is not None}),
             mask_token_rate=mask_token_rate,
             random_token_rate=random_token_rate,
         )
         self.lm_head = keras_hub.layers.MaskedLMHead(
             vocabulary_size=backbone.vocabulary_size,
             token_embedding=backbone.token_embedding,
-            intermediate_activation="gelu",  # exact (erf) GELU, as BERT
+            # BERT's and RoBERTa's LM heads: the backbone's activation and epsilon.
+            intermediate_activation=ACTIVATIONS[backbone.activation],
+            layer_norm_epsilon=backbone.layer_norm_epsilon,
             kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
             name="lm_head",
         )

@@ -150,7 +150,7 @@ def test_invalid_config_key(mistakes):
 def test_invalid_config_value(mistakes):
     _, runs = mistakes
     assert user_error(runs["bad value"]) == (
-        "model.kind must be one of encoder, decoder; got 'rnn'")
+        "model.kind must be one of encoder, decoder, encoder_decoder; got 'rnn'")
 
 
 def test_steps_must_be_positive(mistakes):

@@ -88,8 +88,9 @@ def test_section_that_is_not_a_mapping():
 
 
 @pytest.mark.parametrize("key, value, allowed", [
-    ("kind", "rnn", "encoder, decoder"),
-    ("activation", "swish", "gelu, gelu_approximate, relu"),
+    ("kind", "rnn", "encoder, decoder, encoder_decoder"),
+    ("activation", "swish", "gelu, gelu_approximate, relu, silu"),
+    ("position_embedding", "alibi", "learned, rotary, relative"),
 ])
 def test_literal_lists_allowed_values(key, value, allowed):
     assert config_error(tiny_config(model={key: value})) == (
@@ -124,19 +125,24 @@ def test_out_of_range_names_key_bound_and_value(sections, expected):
 
 def test_hidden_dim_must_be_divisible_by_num_heads():
     assert config_error(tiny_config(model={"hidden_dim": 30, "num_heads": 4})) == (
-        "model.hidden_dim (30) must be divisible by model.num_heads (4)")
+        "model.hidden_dim (30) must be divisible by model.num_heads (4), or give model.head_dim")
+
+
+def test_objectives_and_head_are_exclusive():
+    message = config_error(head_config(name="classification", options={"num_classes": 2}) | {
+        "objectives": [{"name": "mlm"}]})
+    assert "`objectives`" in message and "`head`" in message and "not both" in message
 
 
 @pytest.mark.parametrize("config", [
-    head_config(name="classification", options={"num_classes": 2}) | {
-        "objectives": [{"name": "mlm"}]},
     tiny_config(objectives=[]),
     {key: value for key, value in tiny_config().items() if key != "objectives"},
 ])
-def test_objectives_and_head_are_exclusive_and_one_is_required(config):
-    message = config_error(config)
-    assert "`objectives`" in message and "`head`" in message
-    assert "not both and not neither" in message
+def test_pretraining_needs_objectives(config, tmp_path):
+    from kerasllm.jobs import pretrain
+
+    with pytest.raises(kerasllm.ConfigError, match="pretrain needs `objectives`"):
+        pretrain(config, output=str(tmp_path))
 
 
 def test_objective_listed_twice():
@@ -407,3 +413,35 @@ def test_text_document_mode_splits_at_blank_lines(corpus):
         "Alpha two, no final newline.",
     ]
     assert documents(source) == texts  # deterministic, as held-out splitting needs
+
+
+def test_family_preset_fills_in_and_keys_override_it():
+    config = kerasllm.load_config(tiny_config(
+        model={"family": "llama", "num_key_value_heads": 1, "rotary_theta": 500.0},
+        objectives=[{"name": "clm"}]))
+    model = config.model
+    assert (model.kind, model.norm, model.activation, model.gated_feed_forward,
+            model.use_bias, model.position_embedding, model.tie_embeddings) == (
+        "decoder", "rms", "silu", True, False, "rotary", False)
+    assert model.rotary_theta == 500.0 and model.num_key_value_heads == 1
+    assert model.hidden_dim == 32  # the sizes stay the user's
+
+
+@pytest.mark.parametrize("model,message", [
+    ({"family": "gpt3"}, "unknown model.family 'gpt3'; known: bert, gpt2, llama, roberta, t5, "
+                         "t5_v1_1"),
+    ({"num_heads": 4, "hidden_dim": 32, "num_key_value_heads": 3},
+     "model.num_key_value_heads (3) must divide model.num_heads (4)"),
+    ({"kind": "decoder", "pooler": True},
+     "model.pooler needs model.kind: encoder; set it to false"),
+    ({"family": "t5", "num_segments": 2}, "model.num_segments must be 0 for an encoder_decoder "
+                                          "model"),
+    ({"num_decoder_layers": 3}, "model.num_decoder_layers needs model.kind: encoder_decoder"),
+    ({"family": "llama", "hidden_dim": 30, "num_heads": 2},
+     "model: rotary positions need an even head size, got 15"),
+    ({"position_offset": 2, "max_sequence_length": 33},
+     "data.sequence_length (32) exceeds model.max_sequence_length (33) - "
+     "model.position_offset (2)"),
+])
+def test_model_family_and_architecture_mistakes(model, message):
+    assert config_error(tiny_config(model=model)) == message

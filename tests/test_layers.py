@@ -6,11 +6,16 @@ import pytest
 import tensorflow as tf
 
 import kerasllm
-from kerasllm.layers import SelfAttention, TextEmbedding, TransformerBlock, attention_core
+from kerasllm.layers import (
+    Attention, FeedForward, RelativePositionBias, TextEmbedding, TransformerBlock, apply_rotary,
+    attention_core,
+)
 
 
 def reference_attention(query, key, value, padding_mask, causal):
-    """Plain numpy scaled dot-product attention."""
+    """Plain numpy scaled dot-product attention; key/value heads repeated for GQA."""
+    groups = query.shape[2] // key.shape[2]
+    key, value = np.repeat(key, groups, axis=2), np.repeat(value, groups, axis=2)
     scores = np.einsum("bqhd,bkhd->bhqk", query, key) / np.sqrt(query.shape[-1])
     allowed = padding_mask[:, None, None, :].astype(bool)
     if causal:
@@ -22,13 +27,23 @@ def reference_attention(query, key, value, padding_mask, causal):
     return np.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
-def make_backbone(causal, norm_first=False, num_segments=2, pooler=True):
+def make_backbone(causal, norm_first=False, num_segments=2, pooler=None):
     keras.utils.set_random_seed(1)
     return kerasllm.Backbone(
         vocabulary_size=97, num_layers=2, num_heads=3, hidden_dim=24, intermediate_dim=40,
-        max_sequence_length=20, causal=causal, num_segments=num_segments,
-        norm_first=norm_first, dropout=0.0, pooler=pooler,
+        max_sequence_length=20, kind="decoder" if causal else "encoder",
+        num_segments=num_segments, norm_first=norm_first, dropout=0.0, pooler=pooler,
     )
+
+
+def core(query, key, value, padding_mask, seed, causal, rate):
+    """attention_core with the mask built as the layers build it."""
+    length = query.shape[1]
+    allowed = padding_mask.astype(bool)[:, None, :]
+    if causal:
+        allowed = allowed & np.tril(np.ones((length, length), bool))[None]
+    return attention_core(query, key, value, allowed, None, seed,
+                          float(1 / np.sqrt(query.shape[-1])), rate)
 
 
 def inputs(token_ids, padding_mask):
@@ -37,12 +52,13 @@ def inputs(token_ids, padding_mask):
             "segment_ids": np.zeros_like(token_ids)}
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_attention_core_matches_numpy_reference(causal):
+@pytest.mark.parametrize("causal,kv_heads", [(False, 6), (True, 6), (True, 2), (False, 1)])
+def test_attention_core_matches_numpy_reference(causal, kv_heads):
     rng = np.random.default_rng(0)
-    query, key, value = (rng.normal(size=(2, 7, 3, 5)).astype("float32") for _ in range(3))
+    query = rng.normal(size=(2, 7, 6, 5)).astype("float32")
+    key, value = (rng.normal(size=(2, 7, kv_heads, 5)).astype("float32") for _ in range(2))
     padding_mask = np.array([[1] * 7, [1] * 4 + [0] * 3], "int32")
-    got = attention_core(query, key, value, padding_mask, tf.constant([0, 0]), causal, 0.0)
+    got = core(query, key, value, padding_mask, tf.constant([0, 0]), causal, 0.0)
     expected = reference_attention(query, key, value, padding_mask, causal)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
 
@@ -51,15 +67,15 @@ def test_attention_dropout_is_seeded_and_scaled():
     rng = np.random.default_rng(0)
     query, key, value = (rng.normal(size=(4, 16, 2, 8)).astype("float32") for _ in range(3))
     mask = np.ones((4, 16), "int32")
-    first = attention_core(query, key, value, mask, tf.constant([1, 2]), False, 0.5)
-    again = attention_core(query, key, value, mask, tf.constant([1, 2]), False, 0.5)
-    other = attention_core(query, key, value, mask, tf.constant([3, 4]), False, 0.5)
+    first = core(query, key, value, mask, tf.constant([1, 2]), False, 0.5)
+    again = core(query, key, value, mask, tf.constant([1, 2]), False, 0.5)
+    other = core(query, key, value, mask, tf.constant([3, 4]), False, 0.5)
     np.testing.assert_array_equal(first.numpy(), again.numpy())
     assert np.abs(first.numpy() - other.numpy()).max() > 1e-3
     # Inverted dropout keeps the expectation: the mean over many seeds approaches
     # the undropped output.
     mean = np.mean([
-        attention_core(query, key, value, mask, tf.constant([s, 0]), False, 0.5).numpy()
+        core(query, key, value, mask, tf.constant([s, 0]), False, 0.5).numpy()
         for s in range(200)
     ], axis=0)
     exact = reference_attention(query, key, value, mask, False)
@@ -71,7 +87,7 @@ def test_attention_core_is_xla_compiled():
     rng = np.random.default_rng(0)
     args = [rng.normal(size=(1, 4, 1, 2)).astype("float32")] * 3
     hlo = attention_core.experimental_get_compiler_ir(
-        *args, np.ones((1, 4), "int32"), tf.constant([0, 0]), False, 0.0)(stage="hlo")
+        *args, np.ones((1, 4, 4), bool), None, tf.constant([0, 0]), 1.0, 0.0)(stage="hlo")
     assert "softmax" in hlo.lower() or "exponential" in hlo.lower()
 
 
@@ -84,7 +100,8 @@ def test_padding_does_not_change_real_positions(causal, norm_first):
     padded = backbone(inputs(padded_tokens, [[1] * 6 + [0] * 4]))
     np.testing.assert_allclose(
         padded["sequence_output"][:, :6], short["sequence_output"], atol=1e-5)
-    np.testing.assert_allclose(padded["pooled_output"], short["pooled_output"], atol=1e-5)
+    if not causal:
+        np.testing.assert_allclose(padded["pooled_output"], short["pooled_output"], atol=1e-5)
 
 
 def test_causal_outputs_ignore_future_tokens():
@@ -119,7 +136,8 @@ def test_segment_ids_are_optional_and_change_outputs():
     backbone = make_backbone(causal=False)
     base = inputs([[5, 6, 7]], [[1, 1, 1]])
     other = {**base, "segment_ids": np.array([[0, 1, 1]], "int32")}
-    assert np.abs(backbone(base)["sequence_output"] - backbone(other)["sequence_output"]).max() > 1e-4
+    difference = backbone(base)["sequence_output"] - backbone(other)["sequence_output"]
+    assert np.abs(difference).max() > 1e-4
 
 
 def test_pre_ln_has_final_norm_and_post_ln_embedding_norm():
@@ -132,9 +150,13 @@ def test_pre_ln_has_final_norm_and_post_ln_embedding_norm():
 
 
 @pytest.mark.parametrize("layer,args", [
-    (SelfAttention(3, causal=True, dropout=0.1), ((2, 5, 24),)),
-    (TransformerBlock(3, 40, "relu", True, True, 0.1, 1e-6), ((2, 5, 24),)),
-    (TextEmbedding(97, 24, 20, 2, normalize=False, dropout=0.1), ((2, 5), (2, 5))),
+    (Attention(4, 2, causal=True, rotary_theta=500.0, dropout=0.1), ((2, 5, 24),)),
+    (FeedForward(40, "silu", gated=True, use_bias=False), ((2, 5, 24),)),
+    (RelativePositionBias(3, 16, 40, bidirectional=False), ((2, 5, 24),)),
+    (TransformerBlock(3, 40, activation="relu", causal=True, cross_attention=True,
+                      norm="rms", norm_first=True, dropout=0.1), ((2, 5, 24), (2, 7, 24))),
+    (TextEmbedding(97, 24, 20, 2, normalize=False, dropout=0.1, position_offset=2,
+                   tie_weights=False), ((2, 5), (2, 5))),
 ])
 def test_layer_config_round_trip(layer, args):
     layer.build(*args)
@@ -149,14 +171,14 @@ def test_backbone_keras_round_trip(tmp_path, causal):
     backbone.save(tmp_path / "backbone.keras")
     restored = keras.saving.load_model(tmp_path / "backbone.keras", safe_mode=True)
     assert restored.get_config() == backbone.get_config()
-    for name in ("sequence_output", "pooled_output"):
+    for name in backbone.output:
         np.testing.assert_array_equal(restored(batch)[name], backbone(batch)[name])
 
 
 def test_evaluation_does_not_advance_the_dropout_seed_stream():
     # A resumed run evaluates before training; drawing seeds there would shift
     # every later dropout mask away from the uninterrupted run's.
-    layer = SelfAttention(3, dropout=0.1)
+    layer = Attention(3, dropout=0.1)
     hidden = np.random.default_rng(0).normal(size=(2, 5, 24)).astype("float32")
     layer(hidden, np.ones((2, 5), "int32"))
     state = layer.seed_generator.state.numpy().copy()
@@ -164,3 +186,48 @@ def test_evaluation_does_not_advance_the_dropout_seed_stream():
     np.testing.assert_array_equal(layer.seed_generator.state.numpy(), state)
     layer(hidden, np.ones((2, 5), "int32"), training=True)
     assert (layer.seed_generator.state.numpy() != state).any()
+
+
+def test_rotary_matches_numpy_reference():
+    """Half-split RoPE: feature i rotates with feature i + d/2 by position * theta^(-2i/d)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 5, 2, 8)).astype("float32")
+    positions = np.arange(3, 8)
+    got = apply_rotary(tf.constant(x), tf.constant(positions), 500.0).numpy()
+    frequencies = 500.0 ** (-np.arange(0, 8, 2) / 8)
+    angles = positions[:, None] * frequencies[None]
+    cos, sin = np.cos(angles)[None, :, None], np.sin(angles)[None, :, None]
+    first, second = x[..., :4], x[..., 4:]
+    expected = np.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_rotary_attention_depends_only_on_relative_position():
+    layer = Attention(2, rotary_theta=10000.0, scale_scores=True)
+    layer.build((1, 4, 16))
+    rng = np.random.default_rng(0)
+    query = rng.normal(size=(1, 1, 2, 8)).astype("float32")
+    key = rng.normal(size=(1, 1, 2, 8)).astype("float32")
+
+    def score(query_position, key_position):
+        q = apply_rotary(tf.constant(query), tf.constant([query_position]), 10000.0)
+        k = apply_rotary(tf.constant(key), tf.constant([key_position]), 10000.0)
+        return tf.reduce_sum(q * k).numpy()
+
+    assert score(7, 3) == pytest.approx(score(24, 20), abs=1e-4)
+    assert abs(score(7, 3) - score(7, 5)) > 1e-3
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("num_buckets,max_distance", [(32, 128), (8, 20), (64, 256)])
+def test_relative_buckets_match_transformers_t5(bidirectional, num_buckets, max_distance):
+    """Same buckets as Hugging Face's T5 for every distance, boundary distances included."""
+    torch = pytest.importorskip("torch")
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    relative = np.arange(-400, 401)
+    expected = T5Attention._relative_position_bucket(
+        torch.tensor(relative), bidirectional=bidirectional, num_buckets=num_buckets,
+        max_distance=max_distance).numpy()
+    layer = RelativePositionBias(1, num_buckets, max_distance, bidirectional=bidirectional)
+    np.testing.assert_array_equal(layer.bucket(tf.constant(relative)).numpy(), expected)
