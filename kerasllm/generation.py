@@ -28,6 +28,11 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top
     if backbone.kind == "encoder":
         raise ValueError("generate needs a decoder or an encoder-decoder model; this model "
                          "is an encoder (bidirectional), which cannot predict text left to right")
+    if not model.heads and not backbone.tie_embeddings:
+        raise ValueError(
+            "this model has no trained output projection: its embeddings are untied and "
+            "it has no language-model objective (a base checkpoint such as LlamaModel "
+            "imported without lm_head.weight); import the *ForCausalLM checkpoint instead")
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     tokens = special_tokens(model.tokenizer)
     single = isinstance(prompts, str) or _is_token_list(prompts)
@@ -132,10 +137,30 @@ def _choose(logits, seed, temperature, top_k, top_p):
     temperature-scaled distribution, restricted to the ``top_k`` most likely
     tokens (0: all) and to the smallest set whose probability reaches ``top_p``."""
     logits = tf.cast(logits, tf.float32)
-    greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
-    scaled = logits / tf.maximum(temperature, 1e-6)
+    # A conditional, not a select: greedy decoding skips the vocabulary sort.
+    return tf.cond(temperature > 0,
+                   lambda: _sample(logits, seed, temperature, top_k, top_p),
+                   lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
+
+
+def _sample(logits, seed, temperature, top_k, top_p):
+    scaled = logits / temperature
+    filtered = tf.cond((top_k > 0) | (top_p < 1),
+                       lambda: _filter(scaled, top_k, top_p), lambda: scaled)
+    # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits).
+    uniform = tf.random.stateless_uniform(tf.shape(filtered), seed, minval=1e-9, maxval=1.0,
+                                          alg="philox")
+    return tf.argmax(filtered - tf.math.log(-tf.math.log(uniform)), axis=-1,
+                     output_type=tf.int32)
+
+
+def _filter(scaled, top_k, top_p):
+    """``scaled`` with the tokens outside the top k and the top-p nucleus at -1e9.
+
+    A full sort of the vocabulary, the costly part of sampling: XLA's top_k needs
+    a static k."""
     ordered = tf.sort(scaled, axis=-1, direction="DESCENDING")
-    vocabulary = tf.shape(logits)[-1]
+    vocabulary = tf.shape(scaled)[-1]
     k = tf.where(top_k > 0, tf.minimum(top_k, vocabulary), vocabulary)
     kth = tf.gather(ordered, k - 1, axis=-1)[:, None]
     # Nucleus: keep tokens whose preceding cumulative probability is below top_p
@@ -144,14 +169,7 @@ def _choose(logits, seed, temperature, top_k, top_p):
     before = tf.cumsum(probabilities, axis=-1, exclusive=True)
     kept = tf.reduce_sum(tf.cast(before < top_p, tf.int32), axis=-1)
     nucleus = tf.gather(ordered, tf.maximum(kept, 1) - 1, axis=-1, batch_dims=1)[:, None]
-    threshold = tf.maximum(kth, nucleus)
-    masked = tf.where(scaled >= threshold, scaled, -1e9)
-    # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits).
-    uniform = tf.random.stateless_uniform(tf.shape(masked), seed, minval=1e-9, maxval=1.0,
-                                          alg="philox")
-    sampled = tf.argmax(masked - tf.math.log(-tf.math.log(uniform)), axis=-1,
-                        output_type=tf.int32)
-    return tf.where(temperature > 0, sampled, greedy)
+    return tf.where(scaled >= tf.maximum(kth, nucleus), scaled, -1e9)
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p):

@@ -313,3 +313,14 @@ def test_text_generation_with_sentencepiece_tokenizers_matches_transformers(fami
         if family == "t5":
             expected = expected[:, 1:]
         assert text == hf_tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
+def test_untied_base_checkpoint_imports_headless_and_refuses_to_generate(tmp_path):
+    from transformers import LlamaConfig, LlamaModel
+
+    reference = LlamaModel(LlamaConfig(**CONFIGS["llama-gqa"][2])).eval()
+    model = from_hf(save(reference, tmp_path / "llama"), tokenizer=tokenizer())
+    assert model.heads == []
+    assert compare_encoder_or_decoder(model, reference)["sequence_output"] <= TOLERANCE
+    with pytest.raises(ValueError, match="no trained output projection"):
+        model.generate([[5, 6, 7]])
