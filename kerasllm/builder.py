@@ -106,10 +106,10 @@ def make_head(kind, where, head_config, backbone, tokenizer, registry=None):
     what = f"{kind} '{head_config.name}'"
     if cls.requires_causal is not None and cls.requires_causal != backbone.causal:
         needed = "decoder" if cls.requires_causal else "encoder"
+        kind = backbone.kind.replace("_", "-")
         raise ConfigError(
             f"{what} in {where} needs model.kind: {needed}, "
-            f"but the model is a{'' if backbone.causal else 'n'} "
-            f"{'decoder' if backbone.causal else 'encoder'}"
+            f"but the model is a{'n' if kind[0] == 'e' else ''} {kind}"
         )
     return _instantiate(
         cls, head_config.options, f"{where}.options", what,

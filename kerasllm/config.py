@@ -84,6 +84,15 @@ class ModelConfig:
             raise ConfigError(f"{where}.pooler needs {where}.kind: encoder; set it to false")
         if self.position_offset and self.position_embedding != "learned":
             raise ConfigError(f"{where}.position_offset needs learned position embeddings")
+        if self.position_embedding == "relative":
+            # Encoders split the buckets between the two directions; half of each
+            # side's are exact distances, the rest log-spaced up to max distance.
+            exact = self.relative_buckets // (2 if self.kind == "decoder" else 4)
+            if exact < 1 or self.relative_max_distance <= exact:
+                raise ConfigError(
+                    f"{where}.relative_buckets ({self.relative_buckets}) leaves {exact} exact "
+                    f"distances, which must be at least 1 and below {where}."
+                    f"relative_max_distance ({self.relative_max_distance})")
         if self.position_embedding == "rotary" and self.head_size % 2:
             raise ConfigError(f"{where}: rotary positions need an even head size, "
                               f"got {self.head_size}")

@@ -10,6 +10,7 @@ or none; padding) → each head's ``prepare`` → ``(x, y)``.
 import keras_hub
 import tensorflow as tf
 
+from kerasllm.errors import ConfigError
 from kerasllm.tokenizers import special_tokens
 
 TOKENIZE_BATCH = 256
@@ -47,6 +48,12 @@ def texts(examples):
 def build_dataset(model, examples, batch_size, sequence_length, *, shuffle_buffer=0,
                   seed=None, repeat=False):
     """Batches ``(x, y)`` for ``model.fit``/``evaluate`` from a dataset of raw examples."""
+    if model.backbone.kind == "encoder_decoder":
+        raise ConfigError(
+            "kerasllm's data pipeline does not make the decoder inputs an encoder-decoder "
+            "model trains on (decoder_token_ids, decoder_padding_mask) yet; a sequence-to-"
+            "sequence objective such as span corruption will. Until then, fit the model "
+            "on a tf.data.Dataset of your own that holds them")
     tokenizer = model.tokenizer
     tokens = special_tokens(tokenizer)
     # Room for the start and end tokens the tokenizer adds (two for BERT, none for GPT-2).

@@ -11,6 +11,8 @@ sees it. Encoder–decoders (T5) encode the prompt once and decode from the
 start token.
 """
 
+import numbers
+
 import numpy as np
 import tensorflow as tf
 
@@ -34,6 +36,7 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top
             "it has no language-model objective (a base checkpoint such as LlamaModel "
             "imported without lm_head.weight); import the *ForCausalLM checkpoint instead")
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    max_new_tokens, top_k = int(max_new_tokens), int(top_k)
     tokens = special_tokens(model.tokenizer)
     single = isinstance(prompts, str) or _is_token_list(prompts)
     batch = [prompts] if single else list(prompts)
@@ -44,6 +47,10 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top
         else [list(map(int, p)) for p in batch]
     if any(not p for p in prompt_ids) and backbone.kind == "decoder":
         raise ValueError("a prompt is empty; a decoder needs at least one token to start from")
+    outside = [i for p in prompt_ids for i in p if not 0 <= i < backbone.vocabulary_size]
+    if outside:
+        raise ValueError(f"token id {outside[0]} is outside the model's vocabulary "
+                         f"(0 to {backbone.vocabulary_size - 1})")
     if stop_token_ids is None:
         stop_token_ids = [tokens.end] if tokens.end is not None else []
     pad = tokens.pad if tokens.pad is not None else (tokens.end or 0)
@@ -75,7 +82,8 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top
         else tf.zeros((0, 0), tf.int32),
         tf.constant(int(lengths.min())), tf.constant(end),
         tf.constant(sorted(set(stop_token_ids)) or [-1], tf.int32), tf.constant(pad),
-        tf.constant(seed), tf.constant(float(temperature)), tf.constant(int(top_k)),
+        tf.constant(seed), tf.constant(float(temperature)),
+        tf.constant(min(int(top_k), 2**31 - 1)),
         tf.constant(float(top_p)),
     ).numpy()
     results = []
@@ -88,11 +96,12 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top
 
 
 def _compiled_loop(model):
-    """One ``tf.function(jit_compile=True)`` per model (retraced per buffer shape)."""
+    """One ``tf.function(jit_compile=True)`` per model, traced and compiled once per
+    buffer shape (no ``reduce_retracing``: the cache needs static sizes)."""
     if getattr(model, "_generation_loop", None) is None:
         backbone = model.backbone
 
-        @tf.function(jit_compile=True, reduce_retracing=True)
+        @tf.function(jit_compile=True)
         def loop(buffer, prompt_mask, encoder_ids, encoder_mask, start, end, stop_ids, pad,
                  seed, temperature, top_k, top_p):
             batch_size, length = buffer.shape
@@ -173,18 +182,18 @@ def _filter(scaled, top_k, top_p):
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
-    if not isinstance(top_k, int) or top_k < 0:
+    if not isinstance(top_k, numbers.Integral) or top_k < 0:
         raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {top_k!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def _is_token_list(prompts):
-    return len(prompts) > 0 and all(isinstance(t, (int, np.integer)) for t in prompts)
+    return len(prompts) > 0 and all(isinstance(t, numbers.Integral) for t in prompts)
 
 
 def _tokenize(tokenizer, texts, tokens, kind):

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 from kerasllm.backbone import Backbone
 from kerasllm.config import load_config
+from kerasllm.errors import ConfigError
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
@@ -30,8 +31,12 @@ class KerasLLMModel(keras.Model):
         self.tokenizer = tokenizer
         model_config = self.config.to_dict()["model"]
         del model_config["family"]
-        model_config["vocabulary_size"] = (model_config["vocabulary_size"]
-                                           or tokenizer.vocabulary_size())
+        if (model_config["vocabulary_size"] or 0) < tokenizer.vocabulary_size():
+            if model_config["vocabulary_size"]:
+                raise ConfigError(
+                    f"model.vocabulary_size ({model_config['vocabulary_size']}) is smaller "
+                    f"than the tokenizer's vocabulary ({tokenizer.vocabulary_size()} tokens)")
+            model_config["vocabulary_size"] = tokenizer.vocabulary_size()
         self.backbone = Backbone(name="backbone", **model_config)
         self.heads = [
             make_head(kind, where, head_config, self.backbone, tokenizer, registry)
@@ -78,7 +83,8 @@ class KerasLLMModel(keras.Model):
             top_k: sample among the ``k`` most likely tokens only; 0: all.
             top_p: sample among the most likely tokens whose probabilities sum
                 to ``top_p`` (nucleus sampling); 1: all.
-            seed: an int for reproducible sampling; None: a fresh seed.
+            seed: an int for reproducible sampling (the same seed gives the same
+                samples for the same batch of prompts); None: a fresh seed.
             stop_token_ids: a row ends after generating one of these; default:
                 the tokenizer's end token.
         Returns:

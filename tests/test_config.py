@@ -270,6 +270,18 @@ def test_mlm_needs_an_encoder(tokenizer):
                        "but the model is a decoder")
 
 
+def test_mlm_names_an_encoder_decoder_as_such(tokenizer):
+    message = build_error(tiny_config(model={"family": "t5"}), tokenizer)
+    assert message == ("objective 'mlm' in objectives[0] needs model.kind: encoder, "
+                       "but the model is an encoder-decoder")
+
+
+def test_vocabulary_size_below_the_tokenizers_is_refused(tokenizer):
+    message = build_error(tiny_config(model={"vocabulary_size": 10}), tokenizer)
+    assert message == (f"model.vocabulary_size (10) is smaller than the tokenizer's "
+                       f"vocabulary ({tokenizer.vocabulary_size()} tokens)")
+
+
 def test_clm_builds_on_a_decoder(tokenizer):
     model = kerasllm.build_model(
         tiny_config(model={"kind": "decoder"}, objectives=[{"name": "clm"}]), tokenizer)
@@ -439,6 +451,12 @@ def test_family_preset_fills_in_and_keys_override_it():
     ({"num_decoder_layers": 3}, "model.num_decoder_layers needs model.kind: encoder_decoder"),
     ({"family": "llama", "hidden_dim": 30, "num_heads": 2},
      "model: rotary positions need an even head size, got 15"),
+    ({"family": "t5", "relative_buckets": 2},
+     "model.relative_buckets (2) leaves 0 exact distances, which must be at least 1 and below "
+     "model.relative_max_distance (128)"),
+    ({"family": "t5", "relative_buckets": 32, "relative_max_distance": 8},
+     "model.relative_buckets (32) leaves 8 exact distances, which must be at least 1 and below "
+     "model.relative_max_distance (8)"),
     ({"position_offset": 2, "max_sequence_length": 33},
      "data.sequence_length (32) exceeds model.max_sequence_length (33) - "
      "model.position_offset (2)"),

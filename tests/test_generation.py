@@ -138,12 +138,35 @@ def test_generation_errors():
     model = family_model("gpt2")
     with pytest.raises(ValueError, match=r"= 74 exceeds the model's 64 learned positions"):
         model.generate([[5] * 10], max_new_tokens=64)
+    with pytest.raises(ValueError, match=r"token id 1000000 is outside the model's vocabulary "
+                                         r"\(0 to 64\)"):
+        model.generate([[5, 10**6]])
+    assert len(model.generate([5, 6], max_new_tokens=np.int64(2), top_k=np.int32(3))) == 4
     for kwargs, message in [({"max_new_tokens": 0}, "max_new_tokens must be a positive"),
                             ({"temperature": -1.0}, "temperature must be >= 0"),
                             ({"top_k": -2}, "top_k must be an integer >= 0"),
                             ({"top_p": 0.0}, r"top_p must be in \(0, 1\]")]:
         with pytest.raises(ValueError, match=message):
             model.generate([[5, 6]], **kwargs)
+
+
+def test_calls_with_other_shapes_compile_their_own_loop():
+    """Each batch size and buffer length gets its own compiled loop; none breaks another."""
+    model = family_model("gpt2")
+    first = model.generate(PROMPTS, max_new_tokens=5, stop_token_ids=[])
+    assert model.generate(PROMPTS[:1], max_new_tokens=5, stop_token_ids=[]) == first[:1]
+    longer = model.generate(PROMPTS * 2, max_new_tokens=40, stop_token_ids=[])
+    assert [ids[:len(p) + 5] for p, ids in zip(PROMPTS, longer)] == first
+    assert model.generate(PROMPTS, max_new_tokens=5, stop_token_ids=[]) == first
+    assert model._generation_loop._jit_compile
+
+
+def test_t5_training_data_is_refused_until_a_seq2seq_objective_exists(examples):
+    from kerasllm.data import build_dataset
+
+    model = family_model("t5")
+    with pytest.raises(kerasllm.ConfigError, match="does not make the decoder inputs"):
+        build_dataset(model, examples, 4, 16)
 
 
 def test_single_prompt_gives_a_single_result():
