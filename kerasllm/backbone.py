@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-from kerasllm.layers import RelativePositionBias, TextEmbedding, TransformerBlock, make_norm
+from kerasllm.embeddings import RelativePositionBias, TextEmbedding
+from kerasllm.layers import TransformerBlock, make_norm
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")

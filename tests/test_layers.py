@@ -6,10 +6,8 @@ import pytest
 import tensorflow as tf
 
 import kerasllm
-from kerasllm.layers import (
-    Attention, FeedForward, RelativePositionBias, TextEmbedding, TransformerBlock, apply_rotary,
-    attention_core,
-)
+from kerasllm.embeddings import RelativePositionBias, TextEmbedding
+from kerasllm.layers import Attention, FeedForward, TransformerBlock, apply_rotary, attention_core
 
 
 def reference_attention(query, key, value, padding_mask, causal):
