@@ -53,7 +53,7 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top
                          f"(0 to {backbone.vocabulary_size - 1})")
     if stop_token_ids is None:
         stop_token_ids = [tokens.end] if tokens.end is not None else []
-    pad = tokens.pad if tokens.pad is not None else (tokens.end or 0)
+    pad = tokens.pad  # the end token where the tokenizer has no pad token
 
     if backbone.kind == "encoder_decoder":
         encoder_inputs = _pad([p or [pad] for p in prompt_ids], pad,

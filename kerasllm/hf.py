@@ -86,10 +86,12 @@ def from_hf(path, *, objectives=None, head=None, tokenizer=None):
     for model_head in model.heads:
         if model_head.name == lm_objective:
             targets.update({w.path: w for w in model_head.weights})
-    unused_ok = set(_TIED_COPIES[family])
+    table = {**backbone_table, **lm_table}
+    used = {table[target][0] for target in targets if target in table}
+    unused_ok = _check_tied_copies(family, prefix, tensors, used, path)
     if lm_objective not in {h.name for h in model.heads}:
         unused_ok |= {name for name, _ in lm_table.values()}
-    assign_weights(targets, {**backbone_table, **lm_table}, tensors, path, unused_ok)
+    assign_weights(targets, table, tensors, path, unused_ok)
     return model
 
 
@@ -433,14 +435,34 @@ _TABLES = {"bert": _bert_tables, "roberta": _bert_tables, "gpt2": _gpt2_tables,
            "llama": _llama_tables, "t5": _t5_tables, "t5_v1_1": _t5_tables}
 
 # Tensors that duplicate another one (tied weights some versions save twice).
+# Copy → the tensor it must equal ({prefix}: the backbone's name prefix). A copy
+# that differs is an untied weight kerasllm would drop, so the import refuses it.
 _TIED_COPIES = {
-    "bert": ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
-    "roberta": ("lm_head.decoder.weight", "lm_head.decoder.bias"),
-    "gpt2": ("lm_head.weight",),
-    "llama": ("lm_head.weight",),
-    "t5": ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"),
+    "bert": {"cls.predictions.decoder.weight": "{prefix}embeddings.word_embeddings.weight",
+             "cls.predictions.decoder.bias": "cls.predictions.bias"},
+    "roberta": {"lm_head.decoder.weight": "{prefix}embeddings.word_embeddings.weight",
+                "lm_head.decoder.bias": "lm_head.bias"},
+    "gpt2": {"lm_head.weight": "{prefix}wte.weight"},
+    "llama": {"lm_head.weight": "{prefix}embed_tokens.weight"},
+    "t5": {"encoder.embed_tokens.weight": "shared.weight",
+           "decoder.embed_tokens.weight": "shared.weight", "lm_head.weight": "shared.weight"},
 }
 _TIED_COPIES["t5_v1_1"] = _TIED_COPIES["t5"]
+
+
+def _check_tied_copies(family, prefix, tensors, used, path):
+    """The tied copies present and not used, each checked equal to its original."""
+    copies = set()
+    for copy, original in _TIED_COPIES[family].items():
+        original = original.format(prefix=prefix)
+        if copy in used or copy not in tensors.names or original not in tensors.names:
+            continue
+        if not np.array_equal(tensors.get(copy), tensors.get(original)):
+            raise CheckpointError(
+                f"{path}: tensor '{copy}' differs from '{original}', which kerasllm ties it "
+                "to; kerasllm cannot represent this checkpoint's separate weight")
+        copies.add(copy)
+    return copies
 
 
 def _layout(family, tensors, model_config):

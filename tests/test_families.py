@@ -324,3 +324,20 @@ def test_untied_base_checkpoint_imports_headless_and_refuses_to_generate(tmp_pat
     assert compare_encoder_or_decoder(model, reference)["sequence_output"] <= TOLERANCE
     with pytest.raises(ValueError, match="no trained output projection"):
         model.generate([[5, 6, 7]])
+
+
+def test_a_differing_copy_of_a_tied_weight_is_refused(tmp_path):
+    """transformers may save a tied weight twice; a copy that differs is a separate
+    weight kerasllm would drop, so the import stops."""
+    from safetensors.numpy import load_file, save_file
+
+    directory = save(reference_model("gpt2-lm"), tmp_path / "gpt2")
+    tensors = load_file(directory / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].copy()
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    from_hf(directory, tokenizer=tokenizer())  # an equal copy imports
+    tensors["lm_head.weight"][0, 0] += 1.0
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="tensor 'lm_head.weight' differs from "
+                                              "'transformer.wte.weight'"):
+        from_hf(directory, tokenizer=tokenizer())
