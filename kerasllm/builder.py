@@ -32,7 +32,7 @@ def build_model(config, tokenizer=None, *, registry=None):
     """
     config = load_config(config)
     registry = registry or get_registry()
-    check_plugins(config, registry, tokenizer=tokenizer is None)
+    check_plugins(config, registry, check_tokenizer=tokenizer is None)
     if tokenizer is None:
         tokenizer = build_tokenizer(config, registry)
     model = KerasLLMModel(config.to_dict(), tokenizer, registry=registry)
@@ -84,11 +84,11 @@ def build_tokenizer(config, registry=None, examples=None):
     )
 
 
-def check_plugins(config, registry=None, tokenizer=True):
+def check_plugins(config, registry=None, check_tokenizer=True):
     """Resolve every plugin name and option of a config, before any slow work
-    (the tokenizer's only with ``tokenizer``: not when one is given ready-made)."""
+    (the tokenizer's only with ``check_tokenizer``: not when one is given ready-made)."""
     registry = registry or get_registry()
-    if tokenizer:
+    if check_tokenizer:
         registry.get("tokenizer", config.tokenizer.name, "tokenizer.name")
     source = registry.get("data source", config.data.source, "data.source")
     _check_options(source, config.data.options, "data.options",

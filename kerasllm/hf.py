@@ -80,9 +80,9 @@ def from_hf(path, *, objectives=None, head=None, tokenizer=None):
                 for target, source in head_tables.get(lm_objective, {}).items()}
     # Weights that keep their fresh initialisation: new heads, and the output
     # projection of an untied checkpoint saved without one (a base model).
-    targets = {w.path: w for w in model.backbone.weights
-               if w.path in backbone_table and backbone_table[w.path][0] in tensors.names
-               or w.path not in _OPTIONAL}
+    targets = {w.path: w for w in model.backbone.weights}
+    if backbone_table.get(_OUTPUT_MATRIX, (None,))[0] not in tensors.names:
+        targets.pop(_OUTPUT_MATRIX, None)
     for model_head in model.heads:
         if model_head.name == lm_objective:
             targets.update({w.path: w for w in model_head.weights})
@@ -95,8 +95,8 @@ def from_hf(path, *, objectives=None, head=None, tokenizer=None):
     return model
 
 
-# A kerasllm weight that may have no source tensor (then a new head uses it fresh).
-_OPTIONAL = {"embedding/token_embedding/reverse_embeddings"}
+# The untied output projection: a base checkpoint may lack it (it then starts fresh).
+_OUTPUT_MATRIX = "embedding/token_embedding/reverse_embeddings"
 
 
 def translate_config(source, where):
@@ -257,7 +257,7 @@ def _split_heads(heads, head_dim):
     return lambda b: b.reshape(heads, head_dim)
 
 
-def _same(w):
+def unchanged(w):
     return w
 
 
@@ -281,21 +281,21 @@ def _attention_table(target, source, names, backbone, biases):
                                               _split_heads(count, head_dim))
     table[f"{target}/output/kernel"] = (f"{source}.{names[3]}.weight", _heads_out(heads, head_dim))
     if biases:
-        table[f"{target}/output/bias"] = (f"{source}.{names[3]}.bias", _same)
+        table[f"{target}/output/bias"] = (f"{source}.{names[3]}.bias", unchanged)
     return table
 
 
 def _norm_table(target, source, rms):
     if rms:
-        return {f"{target}/scale": (f"{source}.weight", _same)}
-    return {f"{target}/gamma": (f"{source}.weight", _same),
-            f"{target}/beta": (f"{source}.bias", _same)}
+        return {f"{target}/scale": (f"{source}.weight", unchanged)}
+    return {f"{target}/gamma": (f"{source}.weight", unchanged),
+            f"{target}/beta": (f"{source}.bias", unchanged)}
 
 
 def _dense_table(target, source, transform=_transpose, bias=True):
     table = {f"{target}/kernel": (f"{source}.weight", transform)}
     if bias:
-        table[f"{target}/bias"] = (f"{source}.bias", _same)
+        table[f"{target}/bias"] = (f"{source}.bias", unchanged)
     return table
 
 
@@ -303,17 +303,17 @@ def _output_embedding(backbone, name):
     """The untied output projection: transformers (vocabulary, hidden) → (hidden, vocabulary)."""
     if backbone.tie_embeddings:
         return {}
-    return {"embedding/token_embedding/reverse_embeddings": (name, _transpose)}
+    return {_OUTPUT_MATRIX: (name, _transpose)}
 
 
 def _bert_tables(backbone, prefix):
     table = {
         "embedding/token_embedding/embeddings": (f"{prefix}embeddings.word_embeddings.weight",
-                                                 _same),
+                                                 unchanged),
         "embedding/position_embedding/embeddings": (
-            f"{prefix}embeddings.position_embeddings.weight", _same),
+            f"{prefix}embeddings.position_embeddings.weight", unchanged),
         "embedding/segment_embedding/embeddings": (
-            f"{prefix}embeddings.token_type_embeddings.weight", _same),
+            f"{prefix}embeddings.token_type_embeddings.weight", unchanged),
         **_norm_table("embedding/norm", f"{prefix}embeddings.LayerNorm", False),
     }
     for i in range(backbone.num_layers):
@@ -337,9 +337,8 @@ def _bert_tables(backbone, prefix):
                        else ("transform.dense", "transform.LayerNorm"))
     mlm = {
         **_dense_table("lm_head/intermediate_dense", f"{lm}.{transform}"),
-        **{f"lm_head/intermediate_layer_norm/{k}": v for k, v in
-           (("gamma", (f"{lm}.{norm}.weight", _same)), ("beta", (f"{lm}.{norm}.bias", _same)))},
-        "lm_head/output_bias": (f"{lm}.bias", _same),
+        **_norm_table("lm_head/intermediate_layer_norm", f"{lm}.{norm}", False),
+        "lm_head/output_bias": (f"{lm}.bias", unchanged),
     }
     return table, {"mlm": mlm}
 
@@ -347,8 +346,8 @@ def _bert_tables(backbone, prefix):
 def _gpt2_tables(backbone, prefix):
     heads, head_dim = backbone.num_heads, backbone.hidden_dim // backbone.num_heads
     table = {
-        "embedding/token_embedding/embeddings": (f"{prefix}wte.weight", _same),
-        "embedding/position_embedding/embeddings": (f"{prefix}wpe.weight", _same),
+        "embedding/token_embedding/embeddings": (f"{prefix}wte.weight", unchanged),
+        "embedding/position_embedding/embeddings": (f"{prefix}wpe.weight", unchanged),
         **_norm_table("final_norm", f"{prefix}ln_f", False),
         **_output_embedding(backbone, "lm_head.weight"),
     }
@@ -364,20 +363,20 @@ def _gpt2_tables(backbone, prefix):
                 lambda b, j=j: np.split(b, 3)[j].reshape(heads, head_dim))
         table[f"{target}/output/kernel"] = (f"{source}.attn.c_proj.weight",
                                             lambda w: w.reshape(heads, head_dim, -1))
-        table[f"{target}/output/bias"] = (f"{source}.attn.c_proj.bias", _same)
+        table[f"{target}/output/bias"] = (f"{source}.attn.c_proj.bias", unchanged)
         table.update(_norm_table(f"block_{i}/attention_norm", f"{source}.ln_1", False))
         table.update(_norm_table(f"block_{i}/feed_forward_norm", f"{source}.ln_2", False))
         table.update(_dense_table(f"block_{i}/feed_forward/intermediate",
-                                  f"{source}.mlp.c_fc", _same))
+                                  f"{source}.mlp.c_fc", unchanged))
         table.update(_dense_table(f"block_{i}/feed_forward/output", f"{source}.mlp.c_proj",
-                                  _same))
+                                  unchanged))
     return table, {}
 
 
 def _llama_tables(backbone, prefix):
     bias = backbone.use_bias
     table = {
-        "embedding/token_embedding/embeddings": (f"{prefix}embed_tokens.weight", _same),
+        "embedding/token_embedding/embeddings": (f"{prefix}embed_tokens.weight", unchanged),
         **_norm_table("final_norm", f"{prefix}norm", True),
         **_output_embedding(backbone, "lm_head.weight"),
     }
@@ -398,11 +397,11 @@ def _llama_tables(backbone, prefix):
 def _t5_tables(backbone, prefix):
     attention = ("q", "k", "v", "o")
     table = {
-        "embedding/token_embedding/embeddings": ("shared.weight", _same),
+        "embedding/token_embedding/embeddings": ("shared.weight", unchanged),
         "encoder_position_bias/embeddings": (
-            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", _same),
+            "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", unchanged),
         "position_bias/embeddings": (
-            "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", _same),
+            "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", unchanged),
         **_norm_table("encoder_final_norm", "encoder.final_layer_norm", True),
         **_norm_table("final_norm", "decoder.final_layer_norm", True),
         **_output_embedding(backbone, "lm_head.weight"),

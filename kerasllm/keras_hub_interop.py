@@ -21,7 +21,7 @@ would shadow the real package in user code.
 import keras_hub
 
 from kerasllm.errors import KerasLLMError
-from kerasllm.hf import CheckpointError, _same, assign_weights
+from kerasllm.hf import CheckpointError, assign_weights, unchanged
 from kerasllm.presets import family_preset
 
 
@@ -181,7 +181,7 @@ def _table(backbone, layers, attention):
     for weight in backbone.weights:
         layer, _, name = weight.path.rpartition("/")
         if layer in layers:
-            table[weight.path] = (f"{layers[layer]}/{name}", _same)
+            table[weight.path] = (f"{layers[layer]}/{name}", unchanged)
     return table
 
 

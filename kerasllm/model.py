@@ -31,12 +31,12 @@ class KerasLLMModel(keras.Model):
         self.tokenizer = tokenizer
         model_config = self.config.to_dict()["model"]
         del model_config["family"]
-        if (model_config["vocabulary_size"] or 0) < tokenizer.vocabulary_size():
-            if model_config["vocabulary_size"]:
-                raise ConfigError(
-                    f"model.vocabulary_size ({model_config['vocabulary_size']}) is smaller "
-                    f"than the tokenizer's vocabulary ({tokenizer.vocabulary_size()} tokens)")
-            model_config["vocabulary_size"] = tokenizer.vocabulary_size()
+        size = model_config["vocabulary_size"] or tokenizer.vocabulary_size()
+        if size < tokenizer.vocabulary_size():
+            raise ConfigError(
+                f"model.vocabulary_size ({size}) is smaller than the tokenizer's "
+                f"vocabulary ({tokenizer.vocabulary_size()} tokens)")
+        model_config["vocabulary_size"] = size
         self.backbone = Backbone(name="backbone", **model_config)
         self.heads = [
             make_head(kind, where, head_config, self.backbone, tokenizer, registry)
