@@ -12,7 +12,9 @@ class Backbone(keras.Model):
     """A Transformer encoder, decoder-only or encoder–decoder stack.
 
     A functional model. Inputs are a dict with ``token_ids`` and ``padding_mask``
-    (1 for real tokens), ``segment_ids`` when ``num_segments > 0`` and, for
+    (1 for real tokens, 0 for padding; rows packed with several documents number
+    them 1, 2, … and attention stays within each document; in a decoder, negative
+    values mark a prefix that attends both ways, for prefix LMs), ``segment_ids`` when ``num_segments > 0`` and, for
     encoder–decoders, ``decoder_token_ids`` and ``decoder_padding_mask``. Outputs
     are a dict with ``sequence_output`` ``(batch, length, hidden_dim)`` (the
     decoder's, for encoder–decoders, which also give ``encoder_sequence_output``)

@@ -55,33 +55,53 @@ def load_model(path):
     return keras.saving.load_model(path, safe_mode=True)
 
 
-def build_data_source(config, registry=None):
-    """The config's data source (``data.source`` with ``data.options``)."""
+def build_data_source(config, registry=None, source=None):
+    """A data source: ``source`` (a head's ``data``, a ``SourceConfig``) or the
+    config's ``data.source`` with ``data.options``."""
     registry = registry or get_registry()
-    cls = registry.get("data source", config.data.source, "data.source")
-    return _instantiate(cls, config.data.options, "data.options", f"data source '{config.data.source}'")
+    name, options, where = _source_entry(config, source)
+    cls = registry.get("data source", name, f"{where}.source")
+    return _instantiate(cls, options, f"{where}.options", f"data source '{name}'")
+
+
+def _source_entry(config, source):
+    if source is None:
+        return config.data.source, config.data.options, "data"
+    where = next(where for where, head, _ in config.head_entries if head.data is source)
+    return source.source, source.options, f"{where}.data"
 
 
 def build_tokenizer(config, registry=None, examples=None):
     """Load ``tokenizer.vocabulary``, or train on ``examples`` (default: the data source)."""
     registry = registry or get_registry()
-    factory = registry.get("tokenizer", config.tokenizer.name, "tokenizer.name")
-    if config.tokenizer.vocabulary:
-        path = pathlib.Path(config.tokenizer.vocabulary)
-        if not path.is_file():
-            raise ConfigError(f"tokenizer.vocabulary: file not found: {path}")
+    tokenizer_config = config.tokenizer
+    factory = registry.get("tokenizer", tokenizer_config.name, "tokenizer.name")
+    what = f"tokenizer '{tokenizer_config.name}'"
+    if tokenizer_config.vocabulary:
+        path = pathlib.Path(tokenizer_config.vocabulary)
+        if not path.exists():
+            raise ConfigError(f"tokenizer.vocabulary: not found: {path}")
+        _check_options(factory.load, tokenizer_config.options, "tokenizer.options", what,
+                       ("cls", "path", "lowercase"))
         try:
-            return factory.load(path, lowercase=config.tokenizer.lowercase)
+            return factory.load(path, lowercase=tokenizer_config.lowercase,
+                                **tokenizer_config.options)
         except ValueError as error:
             raise ConfigError(f"tokenizer.vocabulary: {error}") from None
     from kerasllm.data import texts
 
+    _check_options(factory.train, tokenizer_config.options, "tokenizer.options", what,
+                   ("cls", "texts", "vocabulary_size", "lowercase", "sentinels"))
     if examples is None:
         examples = build_data_source(config, registry).examples()
-    return factory.train(
-        texts(examples), vocabulary_size=config.tokenizer.vocabulary_size,
-        lowercase=config.tokenizer.lowercase,
-    )
+    try:
+        return factory.train(
+            texts(examples), vocabulary_size=tokenizer_config.vocabulary_size,
+            lowercase=tokenizer_config.lowercase, sentinels=tokenizer_config.sentinels,
+            **tokenizer_config.options,
+        )
+    except ValueError as error:
+        raise ConfigError(f"tokenizer.options: invalid value for {what}: {error}") from None
 
 
 def check_plugins(config, registry=None, check_tokenizer=True):
@@ -90,10 +110,11 @@ def check_plugins(config, registry=None, check_tokenizer=True):
     registry = registry or get_registry()
     if check_tokenizer:
         registry.get("tokenizer", config.tokenizer.name, "tokenizer.name")
-    source = registry.get("data source", config.data.source, "data.source")
-    _check_options(source, config.data.options, "data.options",
-                   f"data source '{config.data.source}'", ())
-    for where, head_config, kind in config.heads:
+    for source, _ in config.tasks or [(None, [])]:
+        name, options, where = _source_entry(config, source)
+        cls = registry.get("data source", name, f"{where}.source")
+        _check_options(cls, options, f"{where}.options", f"data source '{name}'", ())
+    for where, head_config, kind in config.head_entries:
         cls = registry.get(kind, head_config.name, f"{where}.name")
         _check_options(cls, head_config.options, f"{where}.options",
                        f"{kind} '{head_config.name}'", ("backbone", "tokenizer", "name"))
@@ -125,9 +146,11 @@ def _instantiate(cls, options, where, what, **fixed):
         raise ConfigError(f"{where}: invalid value for {what}: {error}") from None
 
 
-def _check_options(cls, options, where, what, fixed):
-    """Options are the constructor's keyword arguments, less those kerasllm passes."""
-    parameters = inspect.signature(cls.__init__).parameters
+def _check_options(target, options, where, what, fixed):
+    """Options are the keyword arguments of a constructor (``target`` a class) or
+    a function, less those kerasllm passes."""
+    parameters = inspect.signature(
+        target.__init__ if isinstance(target, type) else target).parameters
     allowed = sorted(
         name for name, p in parameters.items()
         if name not in ("self", *fixed) and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)

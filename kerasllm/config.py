@@ -108,9 +108,12 @@ class TokenizerConfig:
     vocabulary: Optional[str] = None  # a vocabulary file to load; None: train one
     vocabulary_size: int = 8192  # when training
     lowercase: bool = True
+    sentinels: int = 0  # when training: <extra_id_N> tokens for span corruption
+    options: dict = dataclasses.field(default_factory=dict)  # the plugin's train/load options
 
     def validate(self, where):
         _positive(self, where, "vocabulary_size")
+        _at_least(self, where, 0, "sentinels")
 
 
 @dataclasses.dataclass
@@ -122,9 +125,14 @@ class DataConfig:
     shuffle_buffer: int = 4096
     heldout_fraction: float = 0.05  # of documents, kept out of training for evaluation
     eval_batches: int = 16
+    packing: bool = True  # pretraining: concatenate documents into full rows
+    # Multi-task: a source with n examples is drawn with probability ∝ n ** (1 / T);
+    # 1 is proportional to size, larger values flatten towards uniform.
+    mixing_temperature: float = 1.0
 
     def validate(self, where):
-        _positive(self, where, "sequence_length", "batch_size", "shuffle_buffer", "eval_batches")
+        _positive(self, where, "sequence_length", "batch_size", "shuffle_buffer", "eval_batches",
+                  "mixing_temperature")
         if not 0 < self.heldout_fraction < 1:
             raise ConfigError(
                 f"{where}.heldout_fraction must be between 0 and 1 (exclusive), "
@@ -133,12 +141,25 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class SourceConfig:
+    """A head's own data source, for multi-task training."""
+
+    source: str  # a data-source plugin
+    options: dict = dataclasses.field(default_factory=dict)
+    size: Optional[int] = None  # examples, for mixing rates; default: counted once
+
+    def validate(self, where):
+        _positive_or_none(self, where, "size")
+
+
+@dataclasses.dataclass
 class HeadConfig:
-    """One pretraining objective or the fine-tuning task head."""
+    """One pretraining objective or task head."""
 
     name: str
     weight: float = 1.0  # the head's share of the total loss
     options: dict = dataclasses.field(default_factory=dict)
+    data: Optional[SourceConfig] = None  # its own data source; default: `data`'s
 
     def validate(self, where):
         _at_least(self, where, 0.0, "weight")
@@ -182,18 +203,23 @@ class Config:
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     objectives: list[HeadConfig] = dataclasses.field(default_factory=list)
-    head: Optional[HeadConfig] = None  # fine-tuning; exclusive with objectives
+    head: Optional[HeadConfig] = None  # a task head (fine-tuning)
+    heads: list[HeadConfig] = dataclasses.field(default_factory=list)  # several task heads
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
 
     def validate(self, where=""):
-        if self.objectives and self.head:
+        if self.head and self.heads:
+            raise ConfigError("give one task head as `head` or several as `heads`, not both")
+        names = [head.name for _, head, _ in self.head_entries]
+        for duplicate in sorted({n for n in names if names.count(n) > 1}):
+            raise ConfigError(f"'{duplicate}' appears twice in objectives and heads; each "
+                              "objective or head may be used once")
+        shared = {kind for _, head, kind in self.head_entries if head.data is None}
+        if len(shared) > 1:
             raise ConfigError(
-                "give either `objectives` (a list, for pretraining) or `head` "
-                "(for fine-tuning), not both"
-            )
-        names = [objective.name for objective in self.objectives]
-        for duplicate in {n for n in names if names.count(n) > 1}:
-            raise ConfigError(f"objective '{duplicate}' appears twice in objectives")
+                "objectives and task heads cannot share a data source: objectives make "
+                "their rows from whole documents, task heads from labelled examples; "
+                "give the task heads (or the objectives) their own `data: {source: ...}`")
         longest = self.model.max_sequence_length - self.model.position_offset
         if self.data.sequence_length > longest:
             offset = f" - model.position_offset ({self.model.position_offset})" \
@@ -207,11 +233,21 @@ class Config:
         return dataclasses.asdict(self)
 
     @property
-    def heads(self):
-        """(config key, HeadConfig, kind) for every head of the model, in order."""
+    def head_entries(self):
+        """(config key, HeadConfig, kind) for every objective and task head, in order."""
+        entries = [(f"objectives[{i}]", o, "objective") for i, o in enumerate(self.objectives)]
         if self.head is not None:
-            return [("head", self.head, "task head")]
-        return [(f"objectives[{i}]", o, "objective") for i, o in enumerate(self.objectives)]
+            entries.append(("head", self.head, "task head"))
+        entries += [(f"heads[{i}]", h, "task head") for i, h in enumerate(self.heads)]
+        return entries
+
+    @property
+    def tasks(self):
+        """The heads grouped by data source: ``[(SourceConfig or None, [entry, ...])]``,
+        where None is the shared ``data.source``; one group per source to mix."""
+        shared = [entry for entry in self.head_entries if entry[1].data is None]
+        own = [(entry[1].data, [entry]) for entry in self.head_entries if entry[1].data]
+        return ([(None, shared)] if shared else []) + own
 
 
 BUILTIN_CONFIGS = ("quickstart",)

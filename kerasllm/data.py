@@ -7,6 +7,8 @@ pack (the start and end tokens the tokenizer adds, e.g. ``[CLS] … [SEP]``, ``<
 or none; padding) → each head's ``prepare`` → ``(x, y)``.
 """
 
+import functools
+
 import keras_hub
 import tensorflow as tf
 
@@ -46,48 +48,166 @@ def texts(examples):
 
 
 def build_dataset(model, examples, batch_size, sequence_length, *, shuffle_buffer=0,
-                  seed=None, repeat=False):
-    """Batches ``(x, y)`` for ``model.fit``/``evaluate`` from a dataset of raw examples."""
-    if model.backbone.kind == "encoder_decoder":
+                  seed=None, repeat=False, packing=True, heads=None, input_context=None):
+    """Batches ``(x, y)`` for ``model.fit``/``evaluate`` from a dataset of raw examples.
+
+    Args:
+        model: a :class:`kerasllm.KerasLLMModel`; its tokenizer and heads shape the batches.
+        examples: a ``tf.data.Dataset`` of raw examples (``DataSource.examples()``).
+        batch_size: rows per batch (per worker, with ``input_context``).
+        sequence_length: tokens per row.
+        shuffle_buffer: rows in the shuffle buffer; 0: no shuffling.
+        seed: seeds the shuffling and every head's random draws (masks, spans):
+            the same seed gives the same batches. Default 0.
+        repeat: cycle through the examples forever (training).
+        packing: pretraining only: concatenate documents into full rows; False
+            gives each document its own rows, padding the last.
+        heads: the heads that prepare these batches (default: all the model's;
+            multi-task training gives each data source its own).
+        input_context: a ``tf.distribute.InputContext``: each input pipeline
+            keeps its own share of the examples.
+    """
+    heads = model.heads if heads is None else heads
+    seed = 0 if seed is None else seed
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        examples = examples.shard(input_context.num_input_pipelines,
+                                  input_context.input_pipeline_id)
+    if repeat:
+        examples = examples.repeat()
+    pretraining = any(head in model.objectives for head in heads)
+    if model.backbone.kind == "encoder_decoder" and not any(
+            head.builds_sequences for head in heads):
         raise ConfigError(
-            "kerasllm's data pipeline does not make the decoder inputs an encoder-decoder "
-            "model trains on (decoder_token_ids, decoder_padding_mask) yet; a sequence-to-"
-            "sequence objective such as span corruption will. Until then, fit the model "
-            "on a tf.data.Dataset of your own that holds them")
+            "an encoder-decoder model trains on decoder inputs (decoder_token_ids, "
+            "decoder_padding_mask) that an objective such as `span` (span corruption) "
+            "makes; add it to `objectives`, or fit the model on a tf.data.Dataset of "
+            "your own that holds them")
+    if pretraining:
+        rows = _pretraining_rows(model, examples, heads, sequence_length, packing)
+    else:
+        rows = _fine_tuning_rows(model, examples, sequence_length)
+    if shuffle_buffer:
+        rows = rows.shuffle(shuffle_buffer, seed=seed)
+    if pretraining:
+        batches = rows.batch(batch_size)
+    else:
+        packer = start_end_packer(model.tokenizer, sequence_length)
+
+        def pack(batch):
+            token_ids, padding_mask = packer(batch.pop("token_ids"))
+            return {**batch, "token_ids": token_ids,
+                    "padding_mask": tf.cast(padding_mask, tf.int32),
+                    "segment_ids": tf.zeros_like(token_ids)}
+
+        batches = rows.ragged_batch(batch_size).map(pack, num_parallel_calls=tf.data.AUTOTUNE)
+    # Each batch's seed is (seed, batch index): a run resumed with
+    # ``.skip(step)`` draws exactly what the uninterrupted run drew.
+    batches = batches.enumerate().map(
+        lambda index, batch: model.prepare_batch(
+            batch, tf.stack([tf.cast(seed, tf.int64), index]), heads),
+        num_parallel_calls=tf.data.AUTOTUNE)
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def _tokenized(model, examples):
     tokenizer = model.tokenizer
-    tokens = special_tokens(tokenizer)
-    # Room for the start and end tokens the tokenizer adds (two for BERT, none for GPT-2).
-    content_length = sequence_length - tokens.add_start - tokens.add_end
 
     def tokenize(batch):
         return {**batch, "token_ids": tokenizer(batch["text"])}
 
-    dataset = examples.batch(TOKENIZE_BATCH).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
-    dataset = dataset.unbatch()
-    if model.is_pretraining:
-        dataset = dataset.flat_map(lambda e: _chunks(e["token_ids"], content_length))
+    return examples.batch(TOKENIZE_BATCH).map(
+        tokenize, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+
+def _pretraining_rows(model, examples, heads, sequence_length, packing):
+    """Rows of ``row_length`` tokens: ``token_ids``, ``padding_mask`` (document
+    numbers, 0 for padding), ``segment_ids`` and ``document``.
+
+    Every document is wrapped in the start and end tokens the tokenizer adds; a
+    tokenizer that adds neither (GPT-2) gets its end token appended as the
+    boundary. Documents longer than a row continue on the next row: no token
+    is dropped.
+    """
+    tokens = special_tokens(model.tokenizer)
+    builders = [head for head in heads if head.builds_sequences]
+    row_length = builders[0].row_length(sequence_length) if builders else sequence_length
+    packing = packing and all(head.packs_documents for head in heads)
+    before = [tokens.start] if tokens.add_start else []
+    after = [tokens.end] if tokens.add_end or not tokens.add_start else []
+    after = [token for token in after if token is not None]
+
+    def wrap(index, example):
+        ids = tf.cast(example["token_ids"], tf.int32)
+        ids = tf.concat([tf.constant(before, tf.int32), ids, tf.constant(after, tf.int32)], 0)
+        return {"token_ids": ids, "document": tf.fill(tf.shape(ids), index)}
+
+    documents = _tokenized(model, examples).filter(
+        lambda example: tf.size(example["token_ids"]) > 0).enumerate().map(wrap)
+    if packing:
+        rows = _pack(documents, row_length)
     else:
-        dataset = dataset.map(lambda e: {k: v for k, v in e.items() if k != "text"})
-    if shuffle_buffer:
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed)
-    if repeat:
-        dataset = dataset.repeat()
-    dataset = dataset.ragged_batch(batch_size)
+        rows = documents.map(lambda document: _pad_rows(document, row_length)).unbatch()
 
-    packer = start_end_packer(tokenizer, sequence_length)
+    def features(row):
+        document = row["document"]
+        real = document >= 0
+        # Number the row's documents 1, 2, ... (0: padding) for attention.
+        numbers = tf.where(real, document - document[0] + 1, 0)
+        return {"token_ids": tf.where(real, row["token_ids"], tokens.pad),
+                "padding_mask": tf.cast(numbers, tf.int32),
+                "segment_ids": tf.zeros_like(row["token_ids"]),
+                "document": document[0]}
 
-    def pack(batch):
-        token_ids, padding_mask = packer(batch.pop("token_ids"))
-        batch["token_ids"] = token_ids
-        batch["padding_mask"] = tf.cast(padding_mask, tf.int32)
-        batch["segment_ids"] = tf.zeros_like(token_ids)
-        return batch
+    return rows.map(features, num_parallel_calls=tf.data.AUTOTUNE)
 
-    dataset = dataset.map(pack, num_parallel_calls=tf.data.AUTOTUNE)
-    # Sequential on purpose: heads draw random numbers (e.g. MLM masking), and a
-    # fixed order of draws makes a seeded run, and a resumed one, reproducible.
-    dataset = dataset.map(model.prepare_batch)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+
+def _pad_rows(stream, row_length):
+    """``(rows, row_length)`` of a token stream; the padding's document is -1."""
+    size = tf.size(stream["token_ids"])
+    padding = (-size) % row_length
+    return {key: tf.reshape(tf.pad(value, [[0, padding]], constant_values=-1 if
+                                   key == "document" else 0), [-1, row_length])
+            for key, value in stream.items()}
+
+
+def _pack(documents, row_length):
+    """Concatenate documents and cut the stream into rows; a finite stream's
+    last, partial row is padded."""
+    flush = {"token_ids": tf.zeros([0], tf.int32), "document": tf.zeros([0], tf.int64),
+             "flush": True}
+    stream = documents.map(lambda document: {**document, "flush": False}).concatenate(
+        tf.data.Dataset.from_tensors(flush))
+    empty = {"token_ids": tf.zeros([0], tf.int32), "document": tf.zeros([0], tf.int64)}
+
+    def step(carry, document):
+        joined = {key: tf.concat([carry[key], document[key]], 0) for key in carry}
+        whole = tf.size(joined["token_ids"]) // row_length * row_length
+        if_flush = _pad_rows(joined, row_length)
+        rows = {key: tf.reshape(value[:whole], [-1, row_length]) for key, value in joined.items()}
+        rows = {key: tf.cond(document["flush"], lambda k=key: if_flush[k], lambda k=key: rows[k])
+                for key in rows}
+        rest = {key: tf.cond(document["flush"], lambda k=key: empty[k][:0],
+                             lambda k=key: joined[k][whole:]) for key in joined}
+        return rest, rows
+
+    return stream.scan(empty, step).unbatch()
+
+
+def _fine_tuning_rows(model, examples, sequence_length):
+    """One row per example, its other fields (``label``, ...) kept; the packer
+    truncates to ``sequence_length``."""
+    return _tokenized(model, examples).map(
+        lambda example: {k: v for k, v in example.items() if k != "text"})
+
+
+def padding_fraction(batches):
+    """Fraction of padding positions in ``(x, y)`` batches (iterates them once)."""
+    padding = total = 0
+    for x, _ in batches:
+        mask = x["padding_mask"].numpy()
+        padding += (mask == 0).sum()
+        total += mask.size
+    return padding / max(total, 1)
 
 
 def start_end_packer(tokenizer, sequence_length):
@@ -104,10 +224,60 @@ def start_end_packer(tokenizer, sequence_length):
     )
 
 
-def _chunks(token_ids, size):
-    """A dataset of consecutive ``size``-token pieces of one document."""
-    starts = tf.range(0, tf.size(token_ids), size)
-    lengths = tf.minimum(size, tf.size(token_ids) - starts)
-    return tf.data.Dataset.from_tensor_slices(
-        {"token_ids": tf.RaggedTensor.from_row_lengths(token_ids, lengths)}
-    )
+def mixing_rates(sizes, temperature):
+    """Sampling probability of each task: ``size ** (1 / temperature)``, normalized.
+
+    Temperature 1 draws in proportion to size (T5's examples-proportional
+    mixing); larger temperatures give small tasks more (mT5 uses 1/0.3 ≈ 3.3)."""
+    scaled = [size ** (1.0 / temperature) for size in sizes]
+    return [value / sum(scaled) for value in scaled]
+
+
+def mix(model, task_batches, rates, seed=0):
+    """One dataset drawing each batch from one task's ``(x, y)`` batches.
+
+    Args:
+        task_batches: ``[(heads, dataset)]`` from ``build_dataset(..., heads=heads)``.
+        rates: the probability of drawing from each (``mixing_rates``); None:
+            all batches of the first, then of the second, ... (evaluation).
+    A batch is for its task's heads only: the other heads' inputs and targets are
+    zeros, and ``y[HEADS_PRESENT]`` tells the model whose losses and metrics count.
+    """
+    from kerasllm.model import HEADS_PRESENT
+
+    x_spec, y_spec = {}, {}
+    for _, batches in task_batches:
+        x, y = batches.element_spec
+        x_spec.update(x)
+        y_spec.update(y)
+
+    def complete(heads):
+        present = tf.constant([float(head in heads) for head in model.heads])
+
+        def fill(x, y):
+            size = tf.shape(x["token_ids"])[0]
+            x = {**{key: _zeros(spec, size) for key, spec in x_spec.items()}, **x}
+            y = {**tf.nest.map_structure(lambda spec: _zeros(spec, size), y_spec), **y}
+            return x, {**y, HEADS_PRESENT: present}
+        return fill
+
+    completed = [batches.map(complete(heads)) for heads, batches in task_batches]
+    if len(completed) == 1:
+        return completed[0]
+    if rates is None:  # evaluation: every task's batches, one task after another
+        return functools.reduce(tf.data.Dataset.concatenate, completed)
+    return tf.data.Dataset.sample_from_datasets(completed, rates, seed=seed)
+
+
+def _zeros(spec, batch_size):
+    """Zeros for a batch of ``spec``: the batch dimension, and 1 for other unknown ones."""
+    shape = [batch_size] + [1 if dim is None else dim for dim in spec.shape[1:]]
+    return tf.zeros(shape, spec.dtype)
+
+
+def count_examples(examples):
+    """The number of examples (one pass unless tf.data knows it)."""
+    cardinality = int(examples.cardinality())
+    if cardinality >= 0:
+        return cardinality
+    return int(examples.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))

@@ -14,13 +14,21 @@ class Head(keras.layers.Layer):
     options; raise ``ValueError`` for a bad value and kerasllm reports it with the
     config key. Override:
 
-    - ``prepare(features)``: runs inside the tf.data pipeline on a batch of
-      ``features`` (``token_ids``, ``padding_mask``, ``segment_ids`` and any other
-      fields the data source yields, such as ``label``). Returns
-      ``(features, targets)``: the features with this head's changes (e.g. masked
-      ``token_ids``, added ``mask_positions``) and a dict of targets for
-      ``compute_loss``. Heads run in config order, each seeing the previous
-      one's features.
+    - ``prepare(features, seed)``: runs inside the tf.data pipeline on a batch of
+      ``features`` (``token_ids``, ``padding_mask``, ``segment_ids``,
+      ``document`` and any other fields the data source yields, such as
+      ``label``). Returns ``(features, targets)``: the features with this head's
+      changes (e.g. masked ``token_ids``, added ``mask_positions``) and a dict of
+      targets for ``compute_loss``. ``seed`` is an int32 ``(2,)`` tensor, new for
+      every batch and derived from ``training.seed``: draw random numbers with
+      stateless ops (``tf.random.stateless_*``) from it, so that a seeded run
+      and a resumed run see the same batches. Heads that rebuild sequences
+      (``builds_sequences``) run first, then the others in config order, each
+      seeing the previous one's features.
+    - ``transform_inputs(inputs, training)``: inside the model, before the
+      backbone runs; returns the model inputs the backbone and every head see.
+      ELECTRA replaces masked tokens with a generator's samples here. Default:
+      unchanged.
     - ``call(backbone_outputs, inputs, training)``: the predictions, from the
       backbone's output dict and the model's input dict.
     - ``compute_loss(targets, predictions)``: a scalar, the mean loss of this
@@ -28,25 +36,46 @@ class Head(keras.layers.Layer):
     - ``update_metrics(targets, predictions)``: update the head's metrics.
       Metrics assigned as attributes are logged by ``fit`` and ``evaluate``.
 
+    Packed rows: in pretraining, the pipeline concatenates documents (each
+    wrapped in the start and end tokens the tokenizer adds) and cuts the stream
+    into rows; ``padding_mask`` then numbers the documents of a row 1, 2, … (0
+    is padding) and attention never crosses from one document to another.
+    ``document`` is the index, in the data source, of the row's first document.
+
     Class attributes:
         input_keys: model inputs this head adds in ``prepare`` (beyond the
             backbone's), e.g. ``("mask_positions",)``.
         requires_causal: ``True`` (decoders only), ``False`` (encoders only) or
             ``None`` (either).
+        packs_documents: ``False`` asks for rows that each hold a piece of one
+            document (next-sentence prediction), not packed rows.
+        builds_sequences: ``prepare`` rebuilds the rows (span corruption,
+            sentence pairs); such a head prepares first, and a model has at most one.
     """
 
     input_keys = ()
     requires_causal = None
+    packs_documents = True
+    builds_sequences = False
 
     def __init__(self, backbone, tokenizer, **kwargs):
         super().__init__(**kwargs)
         self.loss_tracker = keras.metrics.Mean(name=f"{self.name}_loss")
 
+    def row_length(self, sequence_length):
+        """Length of the rows the pipeline gives ``prepare``, for a model input of
+        ``sequence_length`` tokens. Override when ``prepare`` makes rows longer or
+        shorter (span corruption shortens them, a sentence pair adds a separator)."""
+        return sequence_length
+
     def build(self, sequence_output_shape):
         """Create the head's weights; ``sequence_output_shape`` is the backbone's."""
 
-    def prepare(self, features):
+    def prepare(self, features, seed):
         raise NotImplementedError
+
+    def transform_inputs(self, inputs, training=False):
+        return inputs
 
     def call(self, backbone_outputs, inputs, training=False):
         raise NotImplementedError
@@ -72,10 +101,14 @@ class TokenPredictionHead(Head):
         self.accuracy = keras.metrics.SparseCategoricalAccuracy(name=f"{self.name}_accuracy")
 
     def compute_loss(self, targets, predictions):
-        losses = keras.losses.sparse_categorical_crossentropy(
-            targets["ids"], predictions, from_logits=True)
-        weights = tf.cast(targets["weights"], losses.dtype)
-        return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+        return weighted_cross_entropy(targets["ids"], predictions, targets["weights"])
 
     def update_metrics(self, targets, predictions):
         self.accuracy.update_state(targets["ids"], predictions, sample_weight=targets["weights"])
+
+
+def weighted_cross_entropy(labels, logits, weights):
+    """Mean sparse cross-entropy over the positions of nonzero weight (0 if none)."""
+    losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    weights = tf.cast(weights, losses.dtype)
+    return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)

@@ -1,26 +1,40 @@
 """Jobs the CLI runs: pretraining from a config, resumable, with held-out evaluation."""
 
 import dataclasses
+import os
 import pathlib
+import shutil
 import sys
 
 import keras
 
-from kerasllm.builder import build_data_source, build_model, build_tokenizer, check_plugins
+from kerasllm.builder import (
+    build_data_source,
+    build_model,
+    build_tokenizer,
+    check_plugins,
+)
 from kerasllm.config import load_config
+from kerasllm.data import (
+    build_dataset,
+    count_examples,
+    mix,
+    mixing_rates,
+    padding_fraction,
+    split_heldout,
+)
 from kerasllm.errors import ConfigError
-from kerasllm.data import build_dataset, split_heldout
 from kerasllm.plugins import get_registry
 from kerasllm.training import CheckpointEvery, CheckpointManager
 
-VOCABULARY_FILE = "vocabulary.txt"
+TOKENIZER_FOLDER = "tokenizer"
 
 
 def pretrain(config, *, steps=None, output=None, callbacks=(), verbose="auto", log=print):
     """Pretrain the config's model on its data source; resume if ``output`` has checkpoints.
 
-    Writes to the output folder: ``vocabulary.txt`` (so a resumed run tokenizes
-    identically), ``checkpoints/`` (every ``training.checkpoint_every`` steps,
+    Writes to the output folder: ``tokenizer/`` (the vocabulary, so a resumed
+    run tokenizes identically), ``checkpoints/`` (every ``training.checkpoint_every`` steps,
     atomic), ``logs/`` (TensorBoard) and ``model.keras`` at the end. Returns
     ``{"start": metrics, "end": metrics, "step": int, "output": path}`` with
     the held-out metrics before and after this run's training. ``callbacks``
@@ -42,9 +56,11 @@ def pretrain(config, *, steps=None, output=None, callbacks=(), verbose="auto", l
     output.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(training.seed)
 
-    training_examples, heldout_examples = split_heldout(
-        build_data_source(config, registry).examples(), config.data.heldout_fraction)
-    model = build_model(config, _tokenizer(config, registry, training_examples, output),
+    data = config.data
+    # One task per data source: the shared `data.source`, and each head's own.
+    sources = [build_data_source(config, registry, source) for source, _ in config.tasks]
+    splits = [split_heldout(source.examples(), data.heldout_fraction) for source in sources]
+    model = build_model(config, _tokenizer(config, registry, splits[0][0], output),
                         registry=registry)
     checkpoints = CheckpointManager(output / "checkpoints", training.keep_checkpoints)
     step = checkpoints.restore(model)
@@ -53,15 +69,36 @@ def pretrain(config, *, steps=None, output=None, callbacks=(), verbose="auto", l
     if step >= training.steps:
         log(f"Already trained for {step} steps (training.steps is {training.steps})")
 
-    data = config.data
-    train_batches = build_dataset(
-        model, training_examples, data.batch_size, data.sequence_length,
-        shuffle_buffer=data.shuffle_buffer, seed=training.seed, repeat=True,
-    ).skip(step)  # the batches the checkpointed steps already consumed
-    # Cached so that the evaluations before and after see the same masks.
-    eval_batches = build_dataset(
-        model, heldout_examples, data.batch_size, data.sequence_length,
-    ).take(data.eval_batches).cache()
+    task_heads = [[model.get_head(head.name) for _, head, _ in entries]
+                  for _, entries in config.tasks]
+    rates = None
+    if len(sources) > 1:
+        sizes = [source_config.size if source_config and source_config.size else
+                 count_examples(training_examples) for (source_config, _), (training_examples, _)
+                 in zip(config.tasks, splits)]
+        rates = mixing_rates(sizes, data.mixing_temperature)
+        log("Mixing " + ", ".join(
+            f"{'+'.join(head.name for head in heads)} {rate:.1%} ({size} examples)"
+            for heads, rate, size in zip(task_heads, rates, sizes)))
+
+    def batches(heads, examples, **options):
+        return build_dataset(model, examples, data.batch_size, data.sequence_length,
+                             packing=data.packing, heads=heads, **options)
+
+    train_batches = mix(model, [
+        (heads, batches(heads, training_examples, shuffle_buffer=data.shuffle_buffer,
+                        seed=training.seed, repeat=True))
+        for heads, (training_examples, _) in zip(task_heads, splits)
+    ], rates or [1.0], seed=training.seed).skip(step)  # the batches already trained on
+    # Shuffled so that a few batches are not all one long document's (sentence-pair
+    # objectives draw their negatives within a batch); cached so that the
+    # evaluations before and after see the same batches.
+    eval_batches = mix(model, [
+        (heads, batches(heads, heldout_examples, shuffle_buffer=data.shuffle_buffer,
+                        seed=training.seed).take(data.eval_batches))
+        for heads, (_, heldout_examples) in zip(task_heads, splits)
+    ], None).cache()
+    log(f"Held-out padding: {padding_fraction(eval_batches):.1%} of positions")
 
     start = model.evaluate(eval_batches, verbose=0, return_dict=True)
     log(f"Held-out at step {step}: {_format(start)}")
@@ -81,19 +118,32 @@ def pretrain(config, *, steps=None, output=None, callbacks=(), verbose="auto", l
     end = model.evaluate(eval_batches, verbose=0, return_dict=True)
     final_step = int(model.optimizer.iterations.numpy())
     log(f"Held-out at step {final_step}: {_format(end)}")
+    for source in sources:
+        report = getattr(source, "report", None)
+        if report and report.counts:
+            log(f"Input handled: {report}")
     model.save(output / "model.keras")
     log(f"Saved {output / 'model.keras'}")
     return {"start": start, "end": end, "step": final_step, "output": output}
 
 
 def _tokenizer(config, registry, examples, output):
-    """The configured vocabulary, the run's saved one when resuming, or a new one."""
-    saved = output / VOCABULARY_FILE
-    factory = registry.get("tokenizer", config.tokenizer.name, "tokenizer.name")
-    if not config.tokenizer.vocabulary and saved.is_file():
-        return factory.load(saved, lowercase=config.tokenizer.lowercase)
+    """The configured vocabulary, the run's saved one when resuming, or a new one
+    (trained, then saved for a resumed run to tokenize identically)."""
+    saved = output / TOKENIZER_FOLDER
+    if config.tokenizer.vocabulary:
+        return build_tokenizer(config, registry)
+    if saved.is_dir():
+        return build_tokenizer(load_config({**config.to_dict(), "tokenizer": {
+            **config.to_dict()["tokenizer"], "vocabulary": str(saved), "options": {}}}),
+            registry)
     tokenizer = build_tokenizer(config, registry, examples)
-    factory.save_vocabulary(tokenizer, saved)
+    factory = registry.get("tokenizer", config.tokenizer.name, "tokenizer.name")
+    staging = output / f".{TOKENIZER_FOLDER}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    factory.save(tokenizer, staging)
+    os.replace(staging, saved)  # a crash never leaves a half-written vocabulary
     return tokenizer
 
 

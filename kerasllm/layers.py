@@ -166,8 +166,12 @@ class Attention(keras.layers.Layer):
 
         Args:
             hidden: ``(batch, length, hidden_dim)``.
-            padding_mask: ``(batch, key_length)``, true for the keys that may be
-                attended to.
+            padding_mask: ``(batch, key_length)``, nonzero for the keys that may
+                be attended to. In self-attention without a cache, values above 1
+                number the documents packed into a row, and a query attends
+                only to keys of its own document; negative values mark a prefix
+                (of document ``-value``) that attends both ways even in a causal
+                stack (prefix LM).
             context: cross-attention: the sequence to attend to, or its
                 ``project_context`` pair computed earlier.
             bias: added to the scores, ``(1 or batch, heads, length, key_length)``.
@@ -191,11 +195,21 @@ class Attention(keras.layers.Layer):
                 key = keras.ops.slice_update(cache[0], start, key)
                 value = keras.ops.slice_update(cache[1], start, value)
                 cache = (key, value)
-        allowed = tf.cast(padding_mask, tf.bool)[:, None, :]
+        key_mask = tf.cast(padding_mask, tf.int32)[:, None, :]
+        key_documents = tf.abs(key_mask)
+        allowed = key_documents > 0
+        if context is None and cache is None:
+            # Packed rows number their documents in the padding mask: a token
+            # attends within its own document (padding queries attend anywhere).
+            query_documents = tf.transpose(key_documents, [0, 2, 1])
+            allowed &= (query_documents == key_documents) | (query_documents == 0)
         if self.causal:
             key_positions = tf.range(tf.shape(key)[1])
-            allowed = tf.logical_and(allowed, key_positions[None, None, :]
-                                     <= query_positions[None, :, None])
+            visible = key_positions[None, None, :] <= query_positions[None, :, None]
+            if context is None and cache is None:
+                # A prefix (negative mask values) attends both ways: prefix LM.
+                visible |= (key_mask < 0) & (tf.transpose(key_mask, [0, 2, 1]) < 0)
+            allowed &= visible
         rate = self.dropout if training else 0.0
         # Draw from the seed stream only when dropout applies: evaluation must not
         # advance it, or a resumed run (which evaluates first) drifts from the

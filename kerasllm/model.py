@@ -7,6 +7,9 @@ from kerasllm.backbone import Backbone
 from kerasllm.config import load_config
 from kerasllm.errors import ConfigError
 
+# The targets key of a multi-task batch: which heads it is for (1.0) or not (0.0).
+HEADS_PRESENT = "heads_present"
+
 
 @keras.saving.register_keras_serializable(package="kerasllm")
 class KerasLLMModel(keras.Model):
@@ -40,12 +43,29 @@ class KerasLLMModel(keras.Model):
         self.backbone = Backbone(name="backbone", **model_config)
         self.heads = [
             make_head(kind, where, head_config, self.backbone, tokenizer, registry)
-            for where, head_config, kind in self.config.heads
+            for where, head_config, kind in self.config.head_entries
         ]
-        self.head_weights = [head_config.weight for _, head_config, _ in self.config.heads]
+        self.head_weights = [head_config.weight for _, head_config, _ in self.config.head_entries]
+        self.objectives = [head for head, (_, _, kind) in
+                           zip(self.heads, self.config.head_entries) if kind == "objective"]
+        for source, entries in self.config.tasks:
+            builders = [where for where, head_config, _ in entries
+                        if self.get_head(head_config.name).builds_sequences]
+            if len(builders) > 1:
+                raise ConfigError(
+                    f"{' and '.join(builders)} both rebuild the rows of "
+                    f"{'data.source' if source is None else source.source}; use one of "
+                    "them per data source")
         for head in self.heads:
             head.build((None, None, self.backbone.hidden_dim))
         self.built = True
+
+    def get_head(self, name):
+        """The objective or task head called ``name`` in the config."""
+        for head in self.heads:
+            if head.name == name:
+                return head
+        raise KeyError(f"no head named {name!r}; heads: {[h.name for h in self.heads]}")
 
     @property
     def is_pretraining(self):
@@ -53,14 +73,19 @@ class KerasLLMModel(keras.Model):
 
     @property
     def input_keys(self):
+        return self.input_keys_of(self.heads)
+
+    def input_keys_of(self, heads):
         keys = list(self.backbone.input_keys)
-        for head in self.heads:
+        for head in heads:
             keys += [key for key in head.input_keys if key not in keys]
         return tuple(keys)
 
     def call(self, inputs, training=False):
         """Each head's predictions by head name; a model without heads (an
         imported base checkpoint) returns the backbone's outputs."""
+        for head in self.heads:
+            inputs = head.transform_inputs(inputs, training=training)
         backbone_outputs = self.backbone(
             {key: inputs[key] for key in self.backbone.input_keys}, training=training
         )
@@ -98,12 +123,20 @@ class KerasLLMModel(keras.Model):
         return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, stop_token_ids=stop_token_ids)
 
-    def prepare_batch(self, features):
-        """tf.data: a packed batch → ``(x, y)``, each head transforming in turn."""
+    def prepare_batch(self, features, seed, heads=None):
+        """tf.data: a batch of rows → ``(x, y)``, each head transforming in turn.
+
+        ``seed``: int32 ``(2,)``, the batch's; each head draws from its own
+        stream of it. ``heads``: those that prepare this batch (default: all).
+        """
+        heads = self.heads if heads is None else heads
         targets = {}
-        for head in self.heads:
-            features, targets[head.name] = head.prepare(features)
-        return {key: features[key] for key in self.input_keys}, targets
+        # Heads that rebuild the rows (span corruption, sentence pairs) go first.
+        for head in sorted(heads, key=lambda head: not head.builds_sequences):
+            head_seed = tf.random.experimental.stateless_fold_in(
+                tf.cast(seed, tf.int32), self.heads.index(head))
+            features, targets[head.name] = head.prepare(features, head_seed)
+        return {key: features[key] for key in self.input_keys_of(heads)}, targets
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if not self.heads:
@@ -116,7 +149,9 @@ class KerasLLMModel(keras.Model):
         self._head_losses = [
             head.compute_loss(y[head.name], y_pred[head.name]) for head in self.heads
         ]
-        total = sum(weight * loss for weight, loss in zip(self.head_weights, self._head_losses))
+        self._present = self._heads_present(y)
+        total = sum(weight * present * loss for weight, present, loss in
+                    zip(self.head_weights, self._present, self._head_losses))
         # Each replica's gradients are summed across replicas: scale so the sum is
         # the mean (as Keras' own losses do in `scale_loss_for_distribution`).
         return total / tf.distribute.get_strategy().num_replicas_in_sync
@@ -124,11 +159,22 @@ class KerasLLMModel(keras.Model):
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         # Weighted by batch size like Keras' own `loss`: evaluation can end on an
         # empty batch (tf.distribute's partial-batch handling) that must not count.
-        batch_size = tf.shape(x["token_ids"])[0]
-        for head, loss in zip(self.heads, self._head_losses):
-            head.loss_tracker.update_state(loss, sample_weight=batch_size)
-            head.update_metrics(y[head.name], y_pred[head.name])
+        batch_size = tf.cast(tf.shape(x["token_ids"])[0], tf.float32)
+        for head, loss, present in zip(self.heads, self._head_losses, self._present):
+            head.loss_tracker.update_state(loss, sample_weight=batch_size * present)
+            if isinstance(present, float):
+                head.update_metrics(y[head.name], y_pred[head.name])
+            else:  # multi-task: a head's metrics count its own batches only
+                tf.cond(present > 0,
+                        lambda head=head: head.update_metrics(y[head.name], y_pred[head.name]),
+                        lambda: None)
         return self.get_metrics_result()
+
+    def _heads_present(self, y):
+        """Per head, 1.0 if this batch is for it; multi-task batches say which."""
+        if HEADS_PRESENT in y:
+            return tf.unstack(tf.cast(y[HEADS_PRESENT], tf.float32))
+        return [1.0] * len(self.heads)
 
     def get_config(self):
         config = self.config.to_dict()

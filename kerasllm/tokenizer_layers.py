@@ -23,7 +23,10 @@ import keras_hub
 import tensorflow as tf
 import tensorflow_text as tf_text
 from keras_hub.src.tokenizers.word_piece_tokenizer import pretokenize
-from keras_hub.src.utils.tensor_utils import convert_to_ragged_batch, preprocessing_function
+from keras_hub.src.utils.tensor_utils import (
+    convert_to_ragged_batch,
+    preprocessing_function,
+)
 from sentencepiece import sentencepiece_model_pb2
 
 # === What the three tokenizers share ==========================================
@@ -201,10 +204,27 @@ def bert_normalize(texts, lowercase, strip_accents):
     if strip_accents:
         texts = tf.strings.regex_replace(tf_text.normalize_utf8(texts, "NFD"), r"\p{Mn}", "")
     if lowercase:
+        texts = hf_lowercase(texts)
+    return texts
+
+
+def hf_lowercase(texts):
+    """Hugging Face's lower-casing (``BertNormalizer``, ``Lowercase``) of a vector of strings."""
+    def lower(texts):
         # Per character, as Rust's `char::to_lowercase`: ICU would make a word-final
         # capital sigma final (ς), Hugging Face does not.
-        texts = tf.strings.lower(tf.strings.regex_replace(texts, "Σ", "σ"), encoding="utf-8")
-    return texts
+        return tf.strings.lower(tf.strings.regex_replace(texts, "Σ", "σ"), encoding="utf-8")
+
+    def lower_around_nul():
+        # tf.strings.lower ends its output at the first NUL: lower the pieces between them.
+        pieces = tf.strings.split(texts, "\x00")
+        last = _row_positions(pieces) == tf.gather(pieces.row_lengths(), pieces.value_rowids()) - 1
+        lowered = lower(pieces.flat_values)
+        lowered = tf.where(last, lowered, tf.strings.join([lowered, "\x00"]))
+        return tf.strings.reduce_join(pieces.with_flat_values(lowered), axis=-1)
+
+    has_nul = tf.reduce_any(tf.strings.regex_full_match(texts, r"(?s).*\x00.*"))
+    return tf.cond(has_nul, lower_around_nul, lambda: lower(texts))
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
@@ -325,6 +345,8 @@ class BytePairTokenizer(_KerasLLMTokenizer, keras_hub.tokenizers.BytePairTokeniz
         merges: merge rules in priority order, ``"a b"`` strings or ``[a, b]`` pairs.
         add_prefix_space: put a space before each text (and each text segment
             between added tokens) that does not start with one.
+        lowercase: lower-case each text segment between added tokens first, as
+            Hugging Face's ``Lowercase`` normalizer does.
         special_tokens, add_start, add_end, added_tokens: as for :class:`WordPieceTokenizer`
             (no ``unknown`` is needed: every byte is in the vocabulary).
 
@@ -340,13 +362,14 @@ class BytePairTokenizer(_KerasLLMTokenizer, keras_hub.tokenizers.BytePairTokeniz
     """
 
     def __init__(self, vocabulary=None, merges=None, add_prefix_space=False, special_tokens=None,
-                 add_start=False, add_end=False, added_tokens=None, **kwargs):
+                 add_start=False, add_end=False, added_tokens=None, lowercase=False, **kwargs):
         if isinstance(vocabulary, (list, tuple)):
             vocabulary = {token: i for i, token in enumerate(vocabulary)}
         if vocabulary is not None and sorted(vocabulary.values()) != list(range(len(vocabulary))):
             raise ValueError("vocabulary ids must be 0 … n-1, each used once")
         merges = [m if isinstance(m, str) else " ".join(m) for m in merges or ()]
         self._set_special_tokens(special_tokens, add_start, add_end, added_tokens)
+        self.lowercase = lowercase
         kwargs.setdefault("_allow_python_workflow", False)  # no `tokenizers` copy: never used
         super().__init__(vocabulary, merges, add_prefix_space=add_prefix_space,
                          unsplittable_tokens=[], **kwargs)
@@ -357,6 +380,8 @@ class BytePairTokenizer(_KerasLLMTokenizer, keras_hub.tokenizers.BytePairTokeniz
 
     def _encode(self, texts, first):
         self._maybe_initialized_tf()
+        if self.lowercase:
+            texts = hf_lowercase(texts)
         if self.add_prefix_space:
             keep = (texts == "") | (tf.strings.substr(texts, 0, 1) == " ")
             texts = tf.where(keep, texts, tf.strings.join([" ", texts]))
@@ -384,7 +409,8 @@ class BytePairTokenizer(_KerasLLMTokenizer, keras_hub.tokenizers.BytePairTokeniz
 
     def get_config(self):
         return {**super().get_config(), "vocabulary": self.get_vocabulary(),
-                "merges": list(self.merges), "add_prefix_space": self.add_prefix_space}
+                "merges": list(self.merges), "add_prefix_space": self.add_prefix_space,
+                "lowercase": self.lowercase}
 
 
 # === SentencePiece (T5, Llama) =================================================
@@ -393,6 +419,7 @@ _KEPT_TYPES = (sentencepiece_model_pb2.ModelProto.SentencePiece.UNKNOWN,
                sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL,
                sentencepiece_model_pb2.ModelProto.SentencePiece.BYTE)
 _UNK_PENALTY = 10.0  # tokenizers' Unigram: the unknown token scores min(scores) - 10
+_SCORE_TYPES = {"tokenizers": tf.float64, "sentencepiece": tf.float32}  # Unigram path scores
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
@@ -416,13 +443,22 @@ class SentencePieceTokenizer(_KerasLLMTokenizer, keras_hub.tokenizers.SentencePi
         special_tokens, add_start, add_end, added_tokens: as for :class:`WordPieceTokenizer`.
             Added tokens that are not pieces of the model get the ids after the
             model's, in the order given (T5's ``<extra_id_…>``).
+        segmentation: whose Unigram segmentation to reproduce: ``"tokenizers"``
+            (Hugging Face's: float64 path scores) or ``"sentencepiece"`` (the
+            library's: float32 path scores). Both take the earliest start among
+            equal scores; the op of tensorflow-text, an older sentencepiece, does not.
     """
 
     def __init__(self, proto=None, prepend_scheme="never", whitespace_split=False,
-                 special_tokens=None, add_start=False, add_end=False, added_tokens=None, **kwargs):
+                 special_tokens=None, add_start=False, add_end=False, added_tokens=None,
+                 segmentation="tokenizers", **kwargs):
         if prepend_scheme not in ("never", "first", "always"):
             raise ValueError("prepend_scheme must be never, first or always, "
                              f"got {prepend_scheme!r}")
+        if segmentation not in _SCORE_TYPES:
+            raise ValueError(f"segmentation must be tokenizers or sentencepiece, "
+                             f"got {segmentation!r}")
+        self.segmentation = segmentation
         if isinstance(proto, str):
             proto = base64.b64decode(proto)
         model = sentencepiece_model_pb2.ModelProto.FromString(proto)
@@ -480,8 +516,9 @@ class SentencePieceTokenizer(_KerasLLMTokenizer, keras_hub.tokenizers.SentencePi
                                                 tf.constant([i for i, _ in normal], tf.int32)),
             default_value=-1)
         scores = [p.score for p in model.pieces] + [0.0] * len(self._extra_tokens)
-        self._scores = tf.constant(scores, tf.float64)
-        self._unknown_score = tf.constant(min(scores) - _UNK_PENALTY, tf.float64)
+        dtype = _SCORE_TYPES[self.segmentation]
+        self._scores = tf.constant(scores, dtype)
+        self._unknown_score = tf.constant(min(scores) - _UNK_PENALTY, dtype)
         self._kept = tf.constant([p.type in _KEPT_TYPES for p in model.pieces])
         self._max_piece_length = max(len(p) for _, p in normal)
         self._unknown_id = model.trainer_spec.unk_id
@@ -530,7 +567,7 @@ class SentencePieceTokenizer(_KerasLLMTokenizer, keras_hub.tokenizers.SentencePi
             piece_ids.append(tf.where(room >= length, found, -1))
         piece_ids = tf.stack(piece_ids, axis=1)
         scores = tf.where(piece_ids >= 0, tf.gather(self._scores, tf.maximum(piece_ids, 0)),
-                          tf.constant(-float("inf"), tf.float64))
+                          tf.constant(-float("inf"), self._scores.dtype))
         # A character that is no piece by itself can always be the unknown token.
         no_single = piece_ids[:, 0] < 0
         piece_ids = tf.concat([tf.where(no_single, self._unknown_id, piece_ids[:, 0])[:, None],
@@ -554,11 +591,12 @@ class SentencePieceTokenizer(_KerasLLMTokenizer, keras_hub.tokenizers.SentencePi
             length = self._max_piece_length - tf.cast(tf.argmax(total[:, ::-1], axis=1), tf.int32)
             return t + 1, best.write(t, tf.reduce_max(total, axis=1)), chosen.write(t, length)
 
-        best = tf.TensorArray(tf.float64, size=longest + 1, element_shape=[None], infer_shape=False)
+        best = tf.TensorArray(self._scores.dtype, size=longest + 1, element_shape=[None],
+                              infer_shape=False)
         chosen = tf.TensorArray(tf.int32, size=longest + 1, element_shape=[None], infer_shape=False)
         _, _, chosen = tf.while_loop(
             lambda t, *_: t <= longest, forward,
-            (1, best.write(0, tf.zeros([num_words], tf.float64)),
+            (1, best.write(0, tf.zeros([num_words], self._scores.dtype)),
              chosen.write(0, tf.zeros([num_words], tf.int32))))
         # Back from each word's end; chosen step t holds the words of length >= t.
         active = tf.reduce_sum(
@@ -620,4 +658,5 @@ class SentencePieceTokenizer(_KerasLLMTokenizer, keras_hub.tokenizers.SentencePi
 
     def get_config(self):
         return {**super().get_config(), "proto": base64.b64encode(self.proto).decode("ascii"),
-                "prepend_scheme": self.prepend_scheme, "whitespace_split": self.whitespace_split}
+                "prepend_scheme": self.prepend_scheme, "whitespace_split": self.whitespace_split,
+                "segmentation": self.segmentation}

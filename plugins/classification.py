@@ -35,7 +35,7 @@ class Classification(kerasllm.Head):
     def build(self, sequence_output_shape):
         self.classifier.build((None, sequence_output_shape[-1]))
 
-    def prepare(self, features):
+    def prepare(self, features, seed):
         features = dict(features)
         return features, {"labels": features.pop("label")}
 

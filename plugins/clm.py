@@ -1,6 +1,7 @@
 """Causal language modelling: predict every next token (GPT; T5's decoder)."""
 
 import keras
+import tensorflow as tf
 
 import kerasllm
 from kerasllm.heads import TokenPredictionHead
@@ -18,12 +19,14 @@ class CausalLM(TokenPredictionHead):
         self.backbone = backbone
         self.prefix = "decoder_" if backbone.kind == "encoder_decoder" else ""
 
-    def prepare(self, features):
+    def prepare(self, features, seed):
         token_ids = features[f"{self.prefix}token_ids"]
-        padding_mask = features[f"{self.prefix}padding_mask"]
-        # Position i predicts token i + 1; the last position has nothing to predict.
+        documents = features[f"{self.prefix}padding_mask"]
+        # Position i predicts token i + 1 of the same document; the last position
+        # of a row, and of each document packed into it, has nothing to predict.
         labels = keras.ops.pad(token_ids[:, 1:], [[0, 0], [0, 1]])
-        weights = keras.ops.pad(padding_mask[:, 1:], [[0, 0], [0, 1]])
+        same_document = (documents[:, 1:] > 0) & (documents[:, 1:] == documents[:, :-1])
+        weights = keras.ops.pad(tf.cast(same_document, tf.int32), [[0, 0], [0, 1]])
         return features, {"ids": labels, "weights": weights}
 
     def call(self, backbone_outputs, inputs, training=False):

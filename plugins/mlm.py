@@ -1,13 +1,13 @@
 """Masked language modelling (BERT).
 
 15% of the non-special tokens of each sequence are selected; of those, 80%
-become ``[MASK]``, 10% a random token and 10% stay unchanged. Masks are drawn
-inside the tf.data pipeline, so an example gets new masks every time it is seen
-(dynamic masking, as in RoBERTa). Logits are computed only at the selected
-positions, through a head tied to the input embedding.
+become ``[MASK]``, 10% a random token and 10% stay unchanged. With
+``whole_word_masking``, whole words are selected (all pieces of ``play ##ing``
+or neither). Masks are drawn inside the tf.data pipeline from the batch's seed,
+so an example gets new masks every time it is seen (dynamic masking, as in
+RoBERTa) while a seeded run stays reproducible. Logits are computed only at the
+selected positions, through a head tied to the input embedding.
 """
-
-import math
 
 import keras
 import keras_hub
@@ -15,7 +15,7 @@ import keras_hub
 import kerasllm
 from kerasllm.heads import TokenPredictionHead
 from kerasllm.layers import ACTIVATIONS
-from kerasllm.tokenizers import special_tokens
+from kerasllm.masking import TokenMasking
 
 
 class MaskedLM(TokenPredictionHead):
@@ -23,36 +23,17 @@ class MaskedLM(TokenPredictionHead):
         selection_rate: fraction of non-special tokens selected for prediction.
         mask_token_rate: of the selected, the fraction replaced by the mask token.
         random_token_rate: of the selected, the fraction replaced by a random token.
+        whole_word_masking: select whole words rather than single tokens.
     """
 
     input_keys = ("mask_positions",)
     requires_causal = False
 
     def __init__(self, backbone, tokenizer, selection_rate=0.15, mask_token_rate=0.8,
-                 random_token_rate=0.1, **kwargs):
+                 random_token_rate=0.1, whole_word_masking=False, **kwargs):
         super().__init__(backbone, tokenizer, **kwargs)
-        for name, rate in [("selection_rate", selection_rate),
-                           ("mask_token_rate", mask_token_rate),
-                           ("random_token_rate", random_token_rate)]:
-            if not 0 <= rate <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {rate}")
-        if mask_token_rate + random_token_rate > 1:
-            raise ValueError("mask_token_rate + random_token_rate must be <= 1")
-        tokens = special_tokens(tokenizer)
-        if tokens.mask is None:
-            raise ValueError("the tokenizer has no mask token; mlm needs one")
-        sequence_length = backbone.max_sequence_length
-        self.mask_generator = keras_hub.layers.MaskedLMMaskGenerator(
-            vocabulary_size=backbone.vocabulary_size,
-            mask_selection_rate=selection_rate,
-            mask_token_id=tokens.mask,
-            # Room for every selection: the selector picks ceil(rate * n) per row.
-            mask_selection_length=math.ceil(selection_rate * sequence_length) + 1,
-            unselectable_token_ids=sorted(
-                {t for t in (tokens.pad, tokens.start, tokens.end) if t is not None}),
-            mask_token_rate=mask_token_rate,
-            random_token_rate=random_token_rate,
-        )
+        self.masking = TokenMasking(backbone, tokenizer, selection_rate, mask_token_rate,
+                                    random_token_rate, whole_word_masking)
         self.lm_head = keras_hub.layers.MaskedLMHead(
             vocabulary_size=backbone.vocabulary_size,
             token_embedding=backbone.token_embedding,
@@ -66,8 +47,8 @@ class MaskedLM(TokenPredictionHead):
     def build(self, sequence_output_shape):
         self.lm_head.build(sequence_output_shape, (None, None))
 
-    def prepare(self, features):
-        masked = self.mask_generator(features["token_ids"])
+    def prepare(self, features, seed):
+        masked = self.masking(features, seed)
         features = {**features, "token_ids": masked["token_ids"],
                     "mask_positions": masked["mask_positions"]}
         return features, {"ids": masked["mask_ids"], "weights": masked["mask_weights"]}

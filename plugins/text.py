@@ -1,57 +1,66 @@
 """Plain-text files: one document per line, or documents separated by blank lines."""
 
-import glob
-import pathlib
+import itertools
 
 import tensorflow as tf
 
 import kerasllm
+from kerasllm import reading
 
 
 class TextFiles(kerasllm.DataSource):
     """Args:
-        paths: a path or glob, or a list of them; files are read in sorted order.
-        mode: ``line`` (each non-empty line is a document) or ``document``
-            (documents are separated by one or more blank lines).
+        paths: a path or glob, or a list of them; each glob's files are read in
+            sorted order. Empty files are skipped and counted.
+        mode: ``line`` (each non-empty line is a document; blank lines are
+            skipped and counted) or ``document`` (documents are separated by one or
+            more blank lines; a document's lines are joined with ``\\n``).
+        encoding_errors: what to do with a line (``line`` mode) or document holding
+            invalid UTF-8: ``replace`` the bad bytes with U+FFFD, or ``skip`` it;
+            counted either way.
+
+    Examples:
+    ```python
+    source = TextFiles("corpus/*.txt", mode="document")
+    for example in source.examples().take(2):
+        print(example["text"].numpy().decode())
+    print(source.report)  # e.g. "lines with invalid UTF-8 replaced: 1"
+    ```
     """
 
-    def __init__(self, paths, mode="line"):
-        if mode not in ("line", "document"):
-            raise ValueError(f"mode must be 'line' or 'document', got {mode!r}")
-        patterns = [paths] if isinstance(paths, str) else list(paths)
-        files = []
-        for pattern in patterns:
-            matches = sorted(glob.glob(str(pattern), recursive=True))
-            if not matches:
-                raise ValueError(f"no file matches {pattern!r}")
-            for match in matches:
-                if not pathlib.Path(match).is_file():
-                    raise ValueError(f"{match!r} is not a file")
-            files += matches
-        self.files = files
+    def __init__(self, paths, mode="line", encoding_errors="replace"):
+        reading.check_choice("mode", mode, ("line", "document"))
+        reading.check_choice("encoding_errors", encoding_errors, reading.ENCODING_ERRORS)
+        self.report = reading.InputReport()
+        self.files = reading.resolve_paths(paths, self.report)
         self.mode = mode
+        self.encoding_errors = encoding_errors
 
     def examples(self):
-        if self.mode == "line":
-            lines = tf.data.TextLineDataset(self.files)
-            documents = lines.filter(lambda line: tf.strings.length(tf.strings.strip(line)) > 0)
-        else:
-            documents = tf.data.Dataset.from_generator(
-                self._documents, output_signature=tf.TensorSpec((), tf.string))
-        return documents.map(lambda text: {"text": text})
+        if self.mode == "document":
+            return reading.python_examples(self._documents, label=False)
+        # Lines never leave the graph: TensorFlow reads them (dropping "\n" and "\r\n")
+        # and checks them a batch at a time.
+        lines = tf.data.TextLineDataset(self.files).batch(reading.BATCH)
+        return reading.clean_texts(lines.map(lambda text: {"text": text}), self.report, "line",
+                                   self.encoding_errors, empty_reason=reading.BLANK_LINES)
 
     def _documents(self):
+        rows = reading.Rows(self.report, "document", self.encoding_errors)
         for path in self.files:
-            with open(path, encoding="utf-8") as handle:
-                lines = []
-                for line in handle:
-                    if line.strip():
-                        lines.append(line)
-                    elif lines:
-                        yield "".join(lines)
-                        lines = []
-                if lines:
-                    yield "".join(lines)
+            lines = reading.Lines(path)
+            document, start = [], 0
+            # A blank line after the last closes the last document.
+            for line in itertools.chain(lines, [""]):
+                if line.strip():
+                    document.append(line.rstrip("\r\n"))
+                    start = start or lines.number
+                elif document:
+                    example = rows.example(f"{path}:{start}", lines.take_invalid(),
+                                           lambda text: {"text": text}, "\n".join(document))
+                    if example:
+                        yield example
+                    document, start = [], 0
 
 
 @kerasllm.hookimpl

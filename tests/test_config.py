@@ -42,8 +42,8 @@ def test_tiny_config_is_valid():
 
 def test_unknown_top_level_key_lists_the_sections():
     message = config_error({**tiny_config(), "trainig": {"steps": 10}})
-    assert message == ("unknown config key 'trainig'; allowed: data, head, model, objectives, "
-                       "tokenizer, training")
+    assert message == ("unknown config key 'trainig'; allowed: data, head, heads, model, "
+                       "objectives, tokenizer, training")
 
 
 def test_unknown_nested_key_names_the_full_key_and_lists_allowed():
@@ -56,7 +56,7 @@ def test_unknown_nested_key_names_the_full_key_and_lists_allowed():
 
 def test_unknown_key_inside_an_objective():
     message = config_error(tiny_config(objectives=[{"name": "mlm", "option": {}}]))
-    assert message == "unknown config key 'objectives[0].option'; allowed: name, options, weight"
+    assert message == "unknown config key 'objectives[0].option'; allowed: data, name, options, weight"
 
 
 @pytest.mark.parametrize("section, key, value, expected", [
@@ -128,10 +128,19 @@ def test_hidden_dim_must_be_divisible_by_num_heads():
         "model.hidden_dim (30) must be divisible by model.num_heads (4), or give model.head_dim")
 
 
-def test_objectives_and_head_are_exclusive():
+def test_objectives_and_a_task_head_need_their_own_data_sources():
     message = config_error(head_config(name="classification", options={"num_classes": 2}) | {
         "objectives": [{"name": "mlm"}]})
-    assert "`objectives`" in message and "`head`" in message and "not both" in message
+    assert message.startswith("objectives and task heads cannot share a data source")
+    kerasllm.load_config(head_config(name="classification", options={"num_classes": 2},
+                            data={"source": "jsonl", "options": {"paths": "x.jsonl"}})
+                | {"objectives": [{"name": "mlm"}]})
+
+
+def test_head_and_heads_are_exclusive():
+    message = config_error(head_config(name="classification") | {
+        "heads": [{"name": "other"}]})
+    assert message == "give one task head as `head` or several as `heads`, not both"
 
 
 @pytest.mark.parametrize("config", [
@@ -147,7 +156,7 @@ def test_pretraining_needs_objectives(config, tmp_path):
 
 def test_objective_listed_twice():
     assert config_error(tiny_config(objectives=[{"name": "mlm"}, {"name": "mlm"}])) == (
-        "objective 'mlm' appears twice in objectives")
+        "'mlm' appears twice in objectives and heads; each objective or head may be used once")
 
 
 def test_sequence_length_beyond_max_sequence_length():
@@ -228,7 +237,7 @@ def test_tiny_config_builds(tokenizer):
 def test_unknown_objective_lists_known_objectives(tokenizer):
     message = build_error(tiny_config(objectives=[{"name": "mlmm"}]), tokenizer,
                           kerasllm.PluginError)
-    assert re.match(r"unknown objective 'mlmm' in objectives\[0\]\.name; known: .*\bclm, mlm\b",
+    assert re.match(r"unknown objective 'mlmm' in objectives\[0\]\.name; known: .*\bclm, .*\bmlm\b",
                     message), message
 
 
@@ -242,7 +251,7 @@ def test_unknown_objective_option_lists_allowed_options(tokenizer):
     message = build_error(tiny_config(objectives=[{"name": "mlm", "options": {"foo": 1}}]),
                           tokenizer)
     assert message == ("unknown option 'foo' for objective 'mlm' in objectives[0].options; "
-                       "allowed: mask_token_rate, random_token_rate, selection_rate")
+                       "allowed: mask_token_rate, random_token_rate, selection_rate, whole_word_masking")
 
 
 def test_fixed_constructor_arguments_are_not_options(tokenizer):
@@ -315,7 +324,7 @@ def test_missing_vocabulary_file(tmp_path):
     missing = tmp_path / "vocab.txt"
     with pytest.raises(kerasllm.ConfigError) as error:
         kerasllm.build_model(tiny_config(tokenizer={"vocabulary": str(missing)}))
-    assert str(error.value) == f"tokenizer.vocabulary: file not found: {missing}"
+    assert str(error.value) == f"tokenizer.vocabulary: not found: {missing}"
 
 
 def test_vocabulary_without_special_tokens(tmp_path):

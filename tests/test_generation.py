@@ -161,14 +161,6 @@ def test_calls_with_other_shapes_compile_their_own_loop():
     assert model._generation_loop._jit_compile
 
 
-def test_t5_training_data_is_refused_until_a_seq2seq_objective_exists(examples):
-    from kerasllm.data import build_dataset
-
-    model = family_model("t5")
-    with pytest.raises(kerasllm.ConfigError, match="does not make the decoder inputs"):
-        build_dataset(model, examples, 4, 16)
-
-
 def test_single_prompt_gives_a_single_result():
     model = family_model("gpt2")
     assert model.generate([5, 6, 7], max_new_tokens=3, stop_token_ids=[]) == \

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import kerasllm
 
@@ -196,7 +197,7 @@ def test_targets_mark_the_ids_at_real_positions_except_special_tokens(site, toke
     padding_mask = (np.arange(16) < np.array([[16], [12], [7], [4]])).astype("int32")
 
     features = {"token_ids": token_ids, "padding_mask": padding_mask}
-    prepared, targets = head.prepare(features)
+    prepared, targets = head.prepare(features, tf.constant([0, 0]))
 
     expected = np.zeros((4, vocabulary_size), "float32")
     for row, (ids, mask) in enumerate(zip(token_ids, padding_mask)):

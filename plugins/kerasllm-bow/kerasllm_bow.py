@@ -49,7 +49,7 @@ class BagOfWords(kerasllm.Head):
     def build(self, sequence_output_shape):
         self.classifier.build((None, sequence_output_shape[-1]))
 
-    def prepare(self, features):
+    def prepare(self, features, seed):
         # Padding positions count as the pad token, which is never positive.
         token_ids = tf.where(features["padding_mask"] > 0, features["token_ids"], self.pad_id)
         # bincount, not one_hot and max: no (batch, length, vocabulary) tensor.
