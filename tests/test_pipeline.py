@@ -183,3 +183,31 @@ def test_a_prefix_attends_both_ways_in_a_decoder(tokenizer):
     later[0, 12] = (token_ids[0, 12] + 1) % 900
     np.testing.assert_allclose(outputs(later, prefix)[:, :12], outputs(token_ids, prefix)[:, :12],
                                atol=1e-6)
+
+
+def test_pretrain_mixes_an_objective_and_a_task_head_with_its_own_data(
+        tokenizer, documents, tmp_path):
+    from kerasllm.jobs import pretrain
+
+    vocabulary = tmp_path / "vocab.txt"
+    vocabulary.write_text("".join(f"{token}\n" for token in tokenizer.get_vocabulary()))
+    reviews = [{"text": text, "label": int("return" in text)} for text in documents[:40]]
+    lines = []
+    config = tiny_config(
+        tokenizer={"vocabulary": str(vocabulary)},
+        data={"source": "iterable", "options": {"items": documents},
+              "mixing_temperature": 2.0, "eval_batches": 2},
+        heads=[{"name": "classification", "options": {"num_classes": 2},
+                "data": {"source": "iterable", "options": {"items": reviews}}}],
+        training={"steps": 20, "steps_per_epoch": 10, "checkpoint_every": 10,
+                  "output": str(tmp_path / "run")})
+    result = pretrain(config, verbose=0, log=lines.append)
+    # Every twentieth example is held out; rates ∝ √size at temperature 2.
+    sizes = [len(documents) - -(-len(documents) // 20), 40 - 2]
+    rates = [size ** 0.5 / sum(s ** 0.5 for s in sizes) for size in sizes]
+    assert (f"Mixing mlm {rates[0]:.1%} ({sizes[0]} examples), classification "
+            f"{rates[1]:.1%} ({sizes[1]} examples)") in lines
+    assert {"mlm_loss", "mlm_accuracy", "classification_loss",
+            "classification_accuracy"} <= set(result["end"])
+    assert result["step"] == 20
+    assert any(line.startswith("Held-out padding:") for line in lines)
