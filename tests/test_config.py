@@ -384,7 +384,7 @@ def test_text_source_rejects_an_unknown_mode(tmp_path):
 def test_unknown_data_source_lists_known_sources():
     with pytest.raises(kerasllm.PluginError) as error:
         build_data_source(kerasllm.load_config(tiny_config(data={"source": "txt"})))
-    assert re.match(r"unknown data source 'txt' in data\.source; known: .*\bbuiltin, text\b",
+    assert re.match(r"unknown data source 'txt' in data\.source; known: .*\bbuiltin, .*\btext\b",
                     str(error.value)), str(error.value)
 
 
