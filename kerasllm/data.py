@@ -85,7 +85,7 @@ def build_dataset(model, examples, batch_size, sequence_length, *, shuffle_buffe
     if pretraining:
         rows = _pretraining_rows(model, examples, heads, sequence_length, packing)
     else:
-        rows = _fine_tuning_rows(model, examples, sequence_length)
+        rows = _fine_tuning_rows(model, examples)
     if shuffle_buffer:
         rows = rows.shuffle(shuffle_buffer, seed=seed)
     if pretraining:
@@ -186,16 +186,16 @@ def _pack(documents, row_length):
         rows = {key: tf.reshape(value[:whole], [-1, row_length]) for key, value in joined.items()}
         rows = {key: tf.cond(document["flush"], lambda k=key: if_flush[k], lambda k=key: rows[k])
                 for key in rows}
-        rest = {key: tf.cond(document["flush"], lambda k=key: empty[k][:0],
+        rest = {key: tf.cond(document["flush"], lambda k=key: empty[k],
                              lambda k=key: joined[k][whole:]) for key in joined}
         return rest, rows
 
     return stream.scan(empty, step).unbatch()
 
 
-def _fine_tuning_rows(model, examples, sequence_length):
+def _fine_tuning_rows(model, examples):
     """One row per example, its other fields (``label``, ...) kept; the packer
-    truncates to ``sequence_length``."""
+    truncates it to the sequence length."""
     return _tokenized(model, examples).map(
         lambda example: {k: v for k, v in example.items() if k != "text"})
 
