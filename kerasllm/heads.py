@@ -109,6 +109,12 @@ class TokenPredictionHead(Head):
 
 def weighted_cross_entropy(labels, logits, weights):
     """Mean sparse cross-entropy over the positions of nonzero weight (0 if none)."""
-    losses = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-    weights = tf.cast(weights, losses.dtype)
-    return tf.reduce_sum(losses * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+    return weighted_mean(
+        keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True), weights)
+
+
+def weighted_mean(values, weights):
+    """``sum(values * weights) / sum(weights)``; 0 when every weight is 0 (a batch
+    with nothing to count)."""
+    weights = tf.cast(weights, values.dtype)
+    return tf.reduce_sum(values * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)

@@ -3,6 +3,7 @@
 The data-source plugins share these pieces so that every source treats bad input
 the same way:
 
+- ``FileSource``: the base of file sources: shared options checked, paths resolved.
 - ``resolve_paths``: a path, glob or list of them → files, with an error naming a
   missing file, an empty glob or a directory, before anything is read.
 - ``Lines`` and ``Rows``: Python readers (JSONL, CSV, documents) decode UTF-8 with
@@ -24,6 +25,7 @@ import threading
 
 import tensorflow as tf
 
+from kerasllm.data import DataSource
 from kerasllm.errors import KerasLLMError, PluginError
 
 ENCODING_ERRORS = ("replace", "skip")
@@ -101,6 +103,24 @@ class InputReport:
             first = self._first.get(reason)
             parts.append(f"{reason}: {count}" + (f" (first: {first})" if first else ""))
         return ", ".join(parts) or "nothing skipped or replaced"
+
+
+class FileSource(DataSource):
+    """A data source reading files: the options every file source shares,
+    checked, the files ``paths`` names, and the ``report`` of what was skipped.
+
+    Subclasses keep ``paths``, ``encoding_errors`` (and ``on_error`` where rows
+    can be malformed) in their own signature, whose options are documented
+    there, and pass them on.
+    """
+
+    def __init__(self, paths, encoding_errors="replace", on_error="raise"):
+        check_choice("encoding_errors", encoding_errors, ENCODING_ERRORS)
+        check_choice("on_error", on_error, ON_ERROR)
+        self.report = InputReport()
+        self.files = resolve_paths(paths, self.report)
+        self.encoding_errors = encoding_errors
+        self.on_error = on_error
 
 
 def check_choice(option, value, allowed):

@@ -11,7 +11,7 @@ from kerasllm import reading
 FIELD_LIMIT = 64 * 2**20
 
 
-class DelimitedFiles(kerasllm.DataSource):
+class DelimitedFiles(reading.FileSource):
     """Args:
         paths: a path or glob, or a list of them; each glob's files are read in
             sorted order. Empty files and blank lines are skipped and counted.
@@ -45,16 +45,11 @@ class DelimitedFiles(kerasllm.DataSource):
             raise ValueError(f"header must be true or false, got {header!r}")  # noqa: TRY004
         for option, column in (("text_column", text_column), ("label_column", label_column)):
             _check_column(option, column, header)
-        reading.check_choice("encoding_errors", encoding_errors, reading.ENCODING_ERRORS)
-        reading.check_choice("on_error", on_error, reading.ON_ERROR)
-        self.report = reading.InputReport()
-        self.files = reading.resolve_paths(paths, self.report)
+        super().__init__(paths, encoding_errors, on_error)
         self.text_column = text_column
         self.label_column = label_column
         self.delimiter = delimiter
         self.header = header
-        self.encoding_errors = encoding_errors
-        self.on_error = on_error
         if header:  # a misspelled column fails now, not when training starts
             rows = csv.reader(reading.Lines(self.files[0]), delimiter=delimiter)
             self._indexes(self.files[0], next((row for row in rows if row), []))

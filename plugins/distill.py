@@ -33,7 +33,7 @@ import tensorflow as tf
 from keras.src.backend.common import global_state
 
 import kerasllm
-from kerasllm.heads import Head, TokenPredictionHead
+from kerasllm.heads import Head, TokenPredictionHead, weighted_mean
 from kerasllm.plugins import get_registry
 
 
@@ -122,8 +122,7 @@ class Distillation(Head):
         student = tf.nn.log_softmax(
             tf.cast(predictions["logits"], tf.float32) / self.temperature)
         kl = tf.reduce_sum(tf.exp(teacher) * (teacher - student), axis=-1)
-        weights = tf.cast(targets["weights"], kl.dtype)
-        return tf.reduce_sum(kl * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+        return weighted_mean(kl, targets["weights"])
 
     def compute_loss(self, targets, predictions):
         hard = self.objective.compute_loss(targets, predictions["logits"])

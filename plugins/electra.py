@@ -38,7 +38,7 @@ import keras_hub
 import tensorflow as tf
 
 import kerasllm
-from kerasllm.heads import Head
+from kerasllm.heads import Head, weighted_cross_entropy, weighted_mean
 from kerasllm.layers import ACTIVATIONS, TransformerBlock, make_norm
 from kerasllm.masking import TokenMasking
 
@@ -242,17 +242,13 @@ class Electra(Head):
     def losses(self, targets, predictions):
         """``(generator, discriminator)`` losses: the mean cross-entropy over the
         selected positions, the mean sigmoid cross-entropy over real tokens."""
-        generator = keras.losses.sparse_categorical_crossentropy(
+        generator = weighted_cross_entropy(
             targets["ids"], tf.cast(predictions["generator_logits"], tf.float32),
-            from_logits=True)
-        weights = tf.cast(targets["weights"], tf.float32)
-        generator = tf.reduce_sum(generator * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+            targets["weights"])
         discriminator = tf.nn.sigmoid_cross_entropy_with_logits(
             labels=self.replaced(targets, predictions),
             logits=tf.cast(predictions["discriminator_logits"], tf.float32))
-        real = tf.cast(targets["token_weights"], tf.float32)
-        discriminator = tf.reduce_sum(discriminator * real) / tf.maximum(tf.reduce_sum(real), 1.0)
-        return generator, discriminator
+        return generator, weighted_mean(discriminator, targets["token_weights"])
 
     def compute_loss(self, targets, predictions):
         generator, discriminator = self.losses(targets, predictions)

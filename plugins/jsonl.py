@@ -6,7 +6,7 @@ import kerasllm
 from kerasllm import reading
 
 
-class JsonLinesFiles(kerasllm.DataSource):
+class JsonLinesFiles(reading.FileSource):
     """Args:
         paths: a path or glob, or a list of them; each glob's files are read in
             sorted order. Empty files and blank lines are skipped and counted.
@@ -27,14 +27,9 @@ class JsonLinesFiles(kerasllm.DataSource):
 
     def __init__(self, paths, text_field="text", label_field=None, encoding_errors="replace",
                  on_error="raise"):
-        reading.check_choice("encoding_errors", encoding_errors, reading.ENCODING_ERRORS)
-        reading.check_choice("on_error", on_error, reading.ON_ERROR)
-        self.report = reading.InputReport()
-        self.files = reading.resolve_paths(paths, self.report)
+        super().__init__(paths, encoding_errors, on_error)
         self.text_field = text_field
         self.label_field = label_field
-        self.encoding_errors = encoding_errors
-        self.on_error = on_error
 
     def examples(self):
         return reading.python_examples(self._rows, label=self.label_field is not None)

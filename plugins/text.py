@@ -8,7 +8,7 @@ import kerasllm
 from kerasllm import reading
 
 
-class TextFiles(kerasllm.DataSource):
+class TextFiles(reading.FileSource):
     """Args:
         paths: a path or glob, or a list of them; each glob's files are read in
             sorted order. Empty files are skipped and counted.
@@ -30,11 +30,8 @@ class TextFiles(kerasllm.DataSource):
 
     def __init__(self, paths, mode="line", encoding_errors="replace"):
         reading.check_choice("mode", mode, ("line", "document"))
-        reading.check_choice("encoding_errors", encoding_errors, reading.ENCODING_ERRORS)
-        self.report = reading.InputReport()
-        self.files = reading.resolve_paths(paths, self.report)
+        super().__init__(paths, encoding_errors)
         self.mode = mode
-        self.encoding_errors = encoding_errors
 
     def examples(self):
         if self.mode == "document":

@@ -9,7 +9,7 @@ from kerasllm import reading
 KINDS = {"text_feature": "bytes_list", "label_feature": "int64_list"}
 
 
-class TFRecordFiles(kerasllm.DataSource):
+class TFRecordFiles(reading.FileSource):
     """Args:
         paths: a path or glob, or a list of them; each glob's files are read in
             sorted order. Empty files are skipped and counted.
@@ -36,14 +36,9 @@ class TFRecordFiles(kerasllm.DataSource):
     def __init__(self, paths, text_feature="text", label_feature=None, compression=None,
                  encoding_errors="replace", on_error="raise"):
         reading.check_choice("compression", compression, (None, "GZIP", "ZLIB"))
-        reading.check_choice("encoding_errors", encoding_errors, reading.ENCODING_ERRORS)
-        reading.check_choice("on_error", on_error, reading.ON_ERROR)
-        self.report = reading.InputReport()
-        self.files = reading.resolve_paths(paths, self.report)
+        super().__init__(paths, encoding_errors, on_error)
         self.features = {"text_feature": text_feature, "label_feature": label_feature}
         self.compression = compression or ""
-        self.encoding_errors = encoding_errors
-        self.on_error = on_error
         self._check_first_record()
 
     def examples(self):
