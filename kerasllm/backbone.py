@@ -4,6 +4,7 @@ import keras
 import tensorflow as tf
 
 from kerasllm.embeddings import RelativePositionBias, TextEmbedding
+from kerasllm.errors import ConfigError
 from kerasllm.layers import TransformerBlock, make_norm
 
 
@@ -55,6 +56,10 @@ class Backbone(keras.Model):
         dropout: dropout rate throughout.
         layer_norm_epsilon: epsilon of every norm.
         pooler: add ``pooled_output``; default: encoders only.
+        lora: LoRA adapters on the attention projections (``kerasllm.lora``),
+            ``{"rank", "alpha", "dropout", "targets", "layers"}`` as
+            ``kerasllm.config.LoRAConfig``; ``layers`` indexes the blocks of each
+            stack (None: all). None for none.
 
     Examples:
     ```python
@@ -78,7 +83,7 @@ class Backbone(keras.Model):
                  position_embedding="learned", position_offset=0, rotary_theta=10000.0,
                  relative_buckets=32, relative_max_distance=128, scale_scores=True,
                  tie_embeddings=True, scale_logits=False, dropout=0.1, layer_norm_epsilon=1e-12,
-                 pooler=None, **kwargs):
+                 pooler=None, lora=None, **kwargs):
         if pooler is None:
             pooler = kind == "encoder"
         # === Layers ===
@@ -90,13 +95,18 @@ class Backbone(keras.Model):
             name="embedding",
         )
 
+        block_lora = None if lora is None else {
+            key: value for key, value in lora.items() if key != "layers"}
+
         def stack(prefix, count, causal, cross_attention):
+            adapted = _lora_blocks(lora, count)
             blocks = [
                 TransformerBlock(
                     num_heads, intermediate_dim, num_key_value_heads, head_dim, activation,
                     gated_feed_forward, causal, cross_attention, norm, norm_first, use_bias,
                     scale_scores, rotary_theta if position_embedding == "rotary" else None,
-                    dropout, layer_norm_epsilon, name=f"{prefix}block_{i}",
+                    dropout, layer_norm_epsilon, lora=block_lora if i in adapted else None,
+                    name=f"{prefix}block_{i}",
                 )
                 for i in range(count)
             ]
@@ -168,6 +178,7 @@ class Backbone(keras.Model):
         self.dropout = dropout
         self.layer_norm_epsilon = layer_norm_epsilon
         self.pooler = pooler
+        self.lora = lora
         self.embedding = embedding
         self.token_embedding = embedding.token_embedding
         self.encoder_stack = encoder_stack if encoder_decoder else None
@@ -266,9 +277,23 @@ class Backbone(keras.Model):
             "scale_scores": self.scale_scores, "tie_embeddings": self.tie_embeddings,
             "scale_logits": self.scale_logits,
             "dropout": self.dropout, "layer_norm_epsilon": self.layer_norm_epsilon,
-            "pooler": self.pooler,
+            "pooler": self.pooler, "lora": self.lora,
         }
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _lora_blocks(lora, count):
+    """The indices, among a stack's ``count`` blocks, that ``lora["layers"]`` selects."""
+    if lora is None:
+        return set()
+    if lora.get("layers") is None:
+        return set(range(count))
+    for index in lora["layers"]:
+        if not -count <= index < count:
+            raise ConfigError(
+                f"model.lora.layers: block {index} is out of range for a stack of {count} "
+                f"layers; use 0 to {count - 1}, or -1 to -{count} counting from the end")
+    return {index % count for index in lora["layers"]}

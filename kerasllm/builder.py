@@ -55,6 +55,64 @@ def load_model(path):
     return keras.saving.load_model(path, safe_mode=True)
 
 
+def load_initial_model(path):
+    """The model fine-tuning starts from: a kerasllm ``.keras`` file or folder, or a
+    Hugging Face checkpoint directory (one holding ``config.json``)."""
+    path = pathlib.Path(path)
+    if (path / "config.json").is_file():
+        from kerasllm.hf import from_hf
+
+        return from_hf(path)
+    if not path.exists():
+        raise ConfigError(f"training.initialize_from: not found: {path}; give a kerasllm "
+                          "model (model.keras or its folder) or a Hugging Face checkpoint "
+                          "directory")
+    return load_model(path)
+
+
+# What fine-tuning may change of the architecture it starts from.
+ADJUSTABLE_MODEL_KEYS = ("dropout", "lora")
+
+
+def adopt_architecture(config, initial):
+    """``config`` with the ``model`` section of the model it starts from (less what
+    fine-tuning may change: dropout, LoRA). A key the config sets to another value
+    than both the default and the starting model's is refused, not ignored."""
+    own = config.to_dict()["model"]
+    theirs = initial.config.to_dict()["model"]
+    defaults = load_config({}).to_dict()["model"]
+    for key, value in own.items():
+        if key in ADJUSTABLE_MODEL_KEYS or key == "family":
+            continue
+        if value != theirs[key] and value != defaults[key]:
+            raise ConfigError(
+                f"model.{key} is {value!r}, but training.initialize_from's model has "
+                f"{theirs[key]!r}; fine-tuning keeps the architecture it starts from "
+                f"(only {', '.join(ADJUSTABLE_MODEL_KEYS)} may change): remove model.{key}")
+    model = {**theirs, **{key: own[key] for key in ADJUSTABLE_MODEL_KEYS}}
+    return load_config({**config.to_dict(), "model": model})
+
+
+def copy_backbone_weights(source, target):
+    """Every backbone weight of ``source`` into ``target``'s, by path; the only
+    weights ``target`` may have beyond them are LoRA adapters."""
+    weights = {weight.path: weight for weight in source.backbone.weights}
+    unused = set(weights)
+    for weight in target.backbone.weights:
+        if weight.path in weights:
+            if tuple(weight.shape) != tuple(weights[weight.path].shape):
+                raise KerasLLMError(
+                    f"{weight.path}: shape {tuple(weights[weight.path].shape)} in the starting "
+                    f"model, {tuple(weight.shape)} in the new one")
+            weight.assign(weights[weight.path])
+            unused.discard(weight.path)
+        elif "lora" not in weight.name:
+            raise KerasLLMError(f"{weight.path} has no counterpart in the starting model")
+    if unused:
+        raise KerasLLMError(f"the starting model's {sorted(unused)[0]} has no place in the "
+                            "new model")
+
+
 def build_data_source(config, registry=None, source=None):
     """A data source: ``source`` (a head's ``data``, a ``SourceConfig``) or the
     config's ``data.source`` with ``data.options``."""

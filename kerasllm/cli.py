@@ -31,12 +31,37 @@ def _parser():
         description="Pretrain the model a config describes on its data source. Resumes "
                     "from the latest checkpoint in the output folder if there is one.",
     )
-    pretrain.add_argument("config", metavar="CONFIG",
-                          help="a YAML config file, or 'quickstart' for the built-in one")
-    pretrain.add_argument("--steps", type=_positive_int,
-                          help="total optimizer steps (overrides training.steps)")
-    pretrain.add_argument("--output", help="output folder (overrides training.output)")
+    _training_arguments(pretrain, "a YAML config file, or 'quickstart' for the built-in one")
     pretrain.set_defaults(run=_pretrain)
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a task head from a config",
+        description="Fine-tune the task head(s) a config describes (head or heads) on its "
+                    "labelled data, from training.initialize_from (a kerasllm model or a "
+                    "Hugging Face checkpoint) or from scratch. Resumes from the latest "
+                    "checkpoint in the output folder; prints the held-out task metrics and "
+                    "writes them to OUTPUT/metrics.json.",
+    )
+    _training_arguments(finetune, "a YAML config file")
+    finetune.add_argument("--initialize-from", metavar="MODEL",
+                          help="the model to start from (overrides training.initialize_from)")
+    finetune.set_defaults(run=_finetune)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="evaluate a trained model on a config's held-out data",
+        description="Evaluate a trained model on the held-out part of the config's data "
+                    "(the examples training held out): the loss and each task head's "
+                    "standard metrics (accuracy, macro-F1, Matthews correlation, Pearson and "
+                    "Spearman, entity F1, SQuAD exact match and F1). Prints them and writes "
+                    "them as JSON.",
+    )
+    evaluate.add_argument("config", metavar="CONFIG", help="a YAML config file")
+    evaluate.add_argument("--model", help="the model: a .keras file or a folder holding "
+                          "model.keras (default: training.output)")
+    evaluate.add_argument("--json", dest="output_json",
+                          help="where to write the metrics (default: metrics.json beside "
+                          "the model)")
+    evaluate.set_defaults(run=_evaluate)
 
     convert = commands.add_parser(
         "convert", help="import a Hugging Face checkpoint as a kerasllm model",
@@ -62,6 +87,13 @@ def _parser():
     return parser
 
 
+def _training_arguments(parser, config_help):
+    parser.add_argument("config", metavar="CONFIG", help=config_help)
+    parser.add_argument("--steps", type=_positive_int,
+                        help="total optimizer steps (overrides training.steps)")
+    parser.add_argument("--output", help="output folder (overrides training.output)")
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -78,12 +110,47 @@ def _pretrain(args):
     config = load_config(args.config)  # config mistakes surface before TensorFlow loads
     from kerasllm.jobs import pretrain
 
-    result = pretrain(config, steps=args.steps, output=args.output)
+    _print_result(pretrain(config, steps=args.steps, output=args.output))
+
+
+def _finetune(args):
+    from kerasllm.config import load_config
+
+    config = load_config(args.config)
+    if args.initialize_from:
+        config = load_config({**config.to_dict(), "training": {
+            **config.to_dict()["training"], "initialize_from": args.initialize_from}})
+    from kerasllm.jobs import finetune
+
+    result = finetune(config, steps=args.steps, output=args.output)
+    _print_result(result)
+    print()
+    _print_metrics(result["task_metrics"])
+
+
+def _evaluate(args):
+    from kerasllm.config import load_config
+
+    config = load_config(args.config)
+    from kerasllm.jobs import evaluate
+
+    _print_metrics(evaluate(config, model=args.model, output_json=args.output_json))
+
+
+def _print_result(result):
     start, end = result["start"], result["end"]
+    width = max(24, *(len(name) + 2 for name in end))
     print("\nHeld-out evaluation")
-    print(f"{'metric':<24}{'before':>12}{'after':>12}")
+    print(f"{'metric':<{width}}{'before':>12}{'after':>12}")
     for name in sorted(end):
-        print(f"{name:<24}{start[name]:>12.4f}{end[name]:>12.4f}")
+        print(f"{name:<{width}}{start[name]:>12.4f}{end[name]:>12.4f}")
+
+
+def _print_metrics(metrics):
+    width = max(24, *(len(name) + 2 for name in metrics))
+    print(f"{'metric':<{width}}{'value':>12}")
+    for name, value in sorted(metrics.items()):
+        print(f"{name:<{width}}{value:>12.4f}")
 
 
 def _convert(args):

@@ -19,6 +19,39 @@ from kerasllm.errors import ConfigError
 from kerasllm.presets import family_preset
 
 
+LORA_TARGETS = ("query", "key", "value", "output")
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    """Low-rank adapters on the attention projections (:mod:`kerasllm.lora`).
+
+    In encoder–decoders ``layers`` indexes the blocks of each stack, and the
+    decoder's cross-attention is adapted like its self-attention (as PEFT does
+    for T5, whose default targets ``q`` and ``v`` name both).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0  # the update B·A is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input only
+    targets: list[str] = dataclasses.field(
+        default_factory=lambda: ["query", "value"])  # of query, key, value, output
+    layers: Optional[list[int]] = None  # block indices, negative from the end; None: all
+
+    def validate(self, where):
+        _positive(self, where, "rank", "alpha")
+        _fraction(self, where, "dropout")
+        if not self.targets:
+            raise ConfigError(f"{where}.targets is empty; name at least one of "
+                              f"{', '.join(LORA_TARGETS)}")
+        for i, target in enumerate(self.targets):
+            if target not in LORA_TARGETS:
+                raise ConfigError(f"unknown LoRA target '{target}' in {where}.targets[{i}]; "
+                                  f"known: {', '.join(LORA_TARGETS)}")
+        if self.layers == []:
+            raise ConfigError(f"{where}.layers is empty; omit it to adapt every block")
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """The backbone (see :class:`kerasllm.Backbone` for every argument).
@@ -57,6 +90,7 @@ class ModelConfig:
     layer_norm_epsilon: float = 1e-12
     pooler: Optional[bool] = None  # `pooled_output`, tanh-dense over the first token;
     # default: encoders only
+    lora: Optional[LoRAConfig] = None  # low-rank adapters; the rest of the backbone is frozen
 
     def validate(self, where):
         _positive(self, where, "num_layers", "num_heads", "hidden_dim",
@@ -178,12 +212,17 @@ class TrainingConfig:
     clipnorm: float = 1.0  # global gradient norm; 0 disables clipping
     seed: int = 0
     output: str = "runs/quickstart"
+    # Fine-tuning: start from this model (a kerasllm model.keras or its folder, or a
+    # Hugging Face checkpoint directory); its architecture and tokenizer are used.
+    initialize_from: Optional[str] = None
+    freeze_embeddings: bool = False  # input tables and their norm, not an untied output
+    freeze_layers: int = 0  # the first k blocks (encoder–decoders: of each stack)
 
     def validate(self, where):
         _positive(self, where, "steps", "steps_per_epoch", "checkpoint_every",
                   "keep_checkpoints", "learning_rate")
         _at_least(self, where, 0, "warmup_steps", "end_learning_rate", "weight_decay",
-                  "clipnorm")
+                  "clipnorm", "freeze_layers")
         if self.steps % self.steps_per_epoch:
             raise ConfigError(
                 f"{where}.steps ({self.steps}) must be a multiple of "
@@ -220,6 +259,12 @@ class Config:
                 "objectives and task heads cannot share a data source: objectives make "
                 "their rows from whole documents, task heads from labelled examples; "
                 "give the task heads (or the objectives) their own `data: {source: ...}`")
+        for depth_key in ("num_layers", "num_decoder_layers"):
+            depth = getattr(self.model, depth_key)
+            if depth is not None and self.training.freeze_layers > depth:
+                raise ConfigError(
+                    f"training.freeze_layers ({self.training.freeze_layers}) exceeds "
+                    f"model.{depth_key} ({depth}); freeze at most {depth} blocks")
         longest = self.model.max_sequence_length - self.model.position_offset
         if self.data.sequence_length > longest:
             offset = f" - model.position_offset ({self.model.position_offset})" \

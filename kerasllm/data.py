@@ -1,10 +1,10 @@
 """Data sources and the tf.data pipeline from raw examples to model batches.
 
-raw examples (``{"text": ..., ...}``) → tokenize in batches → pretraining:
-split each document into sequence-length chunks (never truncated) / fine-tuning:
-one sequence per example, truncated by the packer → shuffle → repeat → batch →
-pack (the start and end tokens the tokenizer adds, e.g. ``[CLS] … [SEP]``, ``<s> …``
-or none; padding) → each head's ``prepare`` → ``(x, y)``.
+raw examples (``{"text": ..., ...}``) → pretraining: tokenize in batches, wrap
+each document in the start and end tokens the tokenizer adds (``[CLS] … [SEP]``,
+``<s> …`` or none), pack documents into rows (never truncated) / fine-tuning: the
+task head's ``encode`` (one or more rows per example) → shuffle → repeat → batch
+→ each head's ``prepare`` → ``(x, y)``.
 """
 
 import functools
@@ -85,21 +85,13 @@ def build_dataset(model, examples, batch_size, sequence_length, *, shuffle_buffe
     if pretraining:
         rows = _pretraining_rows(model, examples, heads, sequence_length, packing)
     else:
-        rows = _fine_tuning_rows(model, examples)
+        # Task heads sharing a data source share the first one's rows.
+        numbered = examples.enumerate().map(lambda i, example: {**example, "example": i})
+        rows = heads[0].encode(numbered, model.tokenizer, sequence_length)
     if shuffle_buffer:
         rows = rows.shuffle(shuffle_buffer, seed=seed)
-    if pretraining:
-        batches = rows.batch(batch_size)
-    else:
-        packer = start_end_packer(model.tokenizer, sequence_length)
-
-        def pack(batch):
-            token_ids, padding_mask = packer(batch.pop("token_ids"))
-            return {**batch, "token_ids": token_ids,
-                    "padding_mask": tf.cast(padding_mask, tf.int32),
-                    "segment_ids": tf.zeros_like(token_ids)}
-
-        batches = rows.ragged_batch(batch_size).map(pack, num_parallel_calls=tf.data.AUTOTUNE)
+    # Fields a head keeps for decoding (word offsets, ...) vary in length: ragged.
+    batches = rows.batch(batch_size) if pretraining else rows.ragged_batch(batch_size)
     # Each batch's seed is (seed, batch index): a run resumed with
     # ``.skip(step)`` draws exactly what the uninterrupted run drew.
     batches = batches.enumerate().map(
@@ -191,13 +183,6 @@ def _pack(documents, row_length):
         return rest, rows
 
     return stream.scan(empty, step).unbatch()
-
-
-def _fine_tuning_rows(model, examples):
-    """One row per example, its other fields (``label``, ...) kept; the packer
-    truncates it to the sequence length."""
-    return _tokenized(model, examples).map(
-        lambda example: {k: v for k, v in example.items() if k != "text"})
 
 
 def padding_fraction(batches):

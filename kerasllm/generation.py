@@ -91,7 +91,7 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top
         ids = _trim(row[:length + max_new_tokens].tolist(), int(length), stop_token_ids)
         if backbone.kind == "encoder_decoder":
             ids = ids[1:]  # drop the start token: the prompt went to the encoder
-        results.append(_detokenize(model.tokenizer, ids, tokens) if strings else ids)
+        results.append(detokenize(model.tokenizer, ids, tokens) if strings else ids)
     return results[0] if single else results
 
 
@@ -205,7 +205,7 @@ def _tokenize(tokenizer, texts, tokens, kind):
     return [start + list(map(int, row)) + end for row in ids]
 
 
-def _detokenize(tokenizer, ids, tokens):
+def detokenize(tokenizer, ids, tokens):
     """The text of ``ids`` without special and added tokens (T5's sentinels), as
     Hugging Face's ``decode(..., skip_special_tokens=True)`` gives it."""
     special = {tokens.start, tokens.end, tokens.pad, tokens.mask}

@@ -42,6 +42,32 @@ class Head(keras.layers.Layer):
     is padding) and attention never crosses from one document to another.
     ``document`` is the index, in the data source, of the row's first document.
 
+    Fine-tuning task heads also turn raw examples into rows and predictions
+    back into answers (:mod:`kerasllm.evaluation` drives them; objectives need
+    none of this):
+
+    - ``encode(examples, tokenizer, sequence_length)``: a ``tf.data.Dataset`` of
+      raw examples (the data source's dicts, each numbered by an int64
+      ``example``) → a dataset of rows, each with ``token_ids``, ``padding_mask``
+      (1 for real tokens) and ``segment_ids`` of static shape
+      ``(sequence_length,)``, the head's own model inputs and whatever ``prepare``
+      and ``decode`` need (labels, character offsets, ``example``). One example
+      may give several rows (question answering's windows). Default:
+      :func:`kerasllm.task_inputs.encode_segments` of ``text`` (and
+      ``text_pair`` when the examples have it), other fields kept.
+    - ``decode(predictions, rows)``: ``predictions`` (this head's output for
+      each row, numpy) and ``rows`` (each row's fields, numpy) → one answer per
+      example, in example order: labels, spans, answer text.
+    - ``predict_examples(model, examples, batch_size)``: answers for raw
+      examples; default: ``encode``, the model, ``decode``. Generative heads
+      override it to call ``model.generate``.
+    - ``score(answers, examples)``: the task's standard metrics (a dict of
+      floats) from ``predict_examples``' answers and the raw examples (Python
+      dicts holding the references).
+    - ``infer_options(examples, options)`` (class method): options completed
+      from the training examples before the head is built, e.g. the label
+      vocabulary; the completed options are saved with the model.
+
     Class attributes:
         input_keys: model inputs this head adds in ``prepare`` (beyond the
             backbone's), e.g. ``("mask_positions",)``.
@@ -86,6 +112,28 @@ class Head(keras.layers.Layer):
     def update_metrics(self, targets, predictions):
         """Update metrics beyond the loss, which the model tracks itself."""
 
+    # === Fine-tuning: raw examples in, answers out ===
+
+    def encode(self, examples, tokenizer, sequence_length):
+        from kerasllm.task_inputs import encode_segments
+
+        return encode_segments(examples, tokenizer, sequence_length)
+
+    def decode(self, predictions, rows):
+        raise NotImplementedError(f"{type(self).__name__} does not decode its predictions")
+
+    def predict_examples(self, model, examples, batch_size=32):
+        from kerasllm.evaluation import run_rows
+
+        return self.decode(*run_rows(model, self, examples, batch_size))
+
+    def score(self, answers, examples):
+        return {}
+
+    @classmethod
+    def infer_options(cls, examples, options):
+        return options
+
 
 class TokenPredictionHead(Head):
     """A head predicting token ids over the vocabulary (masked or causal LM).
@@ -118,3 +166,40 @@ def weighted_mean(values, weights):
     with nothing to count)."""
     weights = tf.cast(weights, values.dtype)
     return tf.reduce_sum(values * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+
+
+class SequenceLevelHead(Head):
+    """A task head predicting from one vector per sequence: the backbone's pooled
+    output or the first token's final hidden state, through dropout and a dense
+    layer of ``units`` outputs (classification, regression, multiple choice).
+
+    Args:
+        units: outputs of the dense layer.
+        representation: ``pooled`` (the backbone's pooler; encoders) or
+            ``first_token`` (the first token's final hidden state).
+        dropout: on the representation, while training.
+    """
+
+    def __init__(self, backbone, tokenizer, units, representation="pooled", dropout=0.1,
+                 **kwargs):
+        super().__init__(backbone, tokenizer, **kwargs)
+        if representation not in ("pooled", "first_token"):
+            raise ValueError(
+                f"representation must be 'pooled' or 'first_token', got {representation!r}")
+        if representation == "pooled" and not backbone.pooler:
+            raise ValueError("representation 'pooled' needs model.pooler: true")
+        self.representation = representation
+        self.dropout = keras.layers.Dropout(dropout)
+        self.output_dense = keras.layers.Dense(
+            units, kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+            name="classifier")
+
+    def build(self, sequence_output_shape):
+        self.output_dense.build((None, sequence_output_shape[-1]))
+
+    def call(self, backbone_outputs, inputs, training=False):
+        if self.representation == "pooled":
+            representation = backbone_outputs["pooled_output"]
+        else:
+            representation = backbone_outputs["sequence_output"][:, 0]
+        return self.output_dense(self.dropout(representation, training=training))

@@ -1,6 +1,8 @@
-"""Jobs the CLI runs: pretraining from a config, resumable, with held-out evaluation."""
+"""Jobs the CLI runs: pretraining and fine-tuning from a config, resumable, with
+held-out evaluation; evaluating a trained model."""
 
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -9,10 +11,13 @@ import sys
 import keras
 
 from kerasllm.builder import (
+    adopt_architecture,
     build_data_source,
     build_model,
     build_tokenizer,
     check_plugins,
+    copy_backbone_weights,
+    load_initial_model,
 )
 from kerasllm.config import load_config
 from kerasllm.data import (
@@ -40,16 +45,73 @@ def pretrain(config, *, steps=None, output=None, callbacks=(), verbose="auto", l
     the held-out metrics before and after this run's training. ``callbacks``
     are passed to ``fit`` after kerasllm's own (checkpoints, TensorBoard).
     """
-    if verbose == "auto":  # a progress bar on terminals, a line per epoch in logs
-        verbose = 1 if sys.stdout.isatty() else 2
+    config = _with_overrides(config, steps, output)
+    if not config.objectives:
+        raise ConfigError("pretrain needs `objectives`; this config has "
+                          + ("a task `head`: use `kerasllm finetune`" if config.head or
+                             config.heads else "none"))
+    return _train(config, callbacks, verbose, log)
+
+
+def finetune(config, *, steps=None, output=None, callbacks=(), verbose="auto", log=print):
+    """Fine-tune the config's task head(s); resume if ``output`` has checkpoints.
+
+    As :func:`pretrain`, and: ``training.initialize_from`` gives the starting
+    weights and tokenizer (a kerasllm model or a Hugging Face checkpoint); head
+    options the data settle (label vocabulary, target scale) are filled in from
+    the training examples; the held-out task metrics (accuracy, F1, ...) are in
+    ``result["task_metrics"]`` and ``metrics.json``; with LoRA, the adapters alone
+    are also saved, as ``lora.weights.npz``.
+    """
+    config = _with_overrides(config, steps, output)
+    if not (config.head or config.heads):
+        raise ConfigError("finetune needs a task `head` (or `heads`); this config has "
+                          + ("only `objectives`: use `kerasllm pretrain`" if config.objectives
+                             else "none"))
+    return _train(config, callbacks, verbose, log)
+
+
+def evaluate(config, *, model=None, output_json=None, log=print):
+    """The held-out metrics of a trained model: Keras' (loss, ...) and each task
+    head's standard ones, on the held-out part of the config's data (the same
+    examples training held out). ``model``: a ``.keras`` file or folder; default
+    ``training.output``. Writes them as JSON to ``output_json`` (default
+    ``metrics.json`` beside the model) and returns them."""
+    from kerasllm.builder import load_model
+
+    config = load_config(config)
+    path = pathlib.Path(model or config.training.output)
+    model = load_model(path)
+    registry = get_registry()
+    sources, splits = _sources(config, registry)
+    task_heads = [[model.get_head(head.name) for _, head, _ in entries]
+                  for _, entries in config.tasks]
+    metrics = model.evaluate(_eval_batches(model, config, task_heads, splits), verbose=0,
+                             return_dict=True)
+    metrics.update(_task_metrics(model, task_heads, splits))
+    output_json = pathlib.Path(output_json) if output_json else \
+        (path if path.is_dir() else path.parent) / METRICS_FILE
+    write_json(output_json, metrics)
+    log(f"Wrote {output_json}")
+    return metrics
+
+
+METRICS_FILE = "metrics.json"
+LORA_FILE = "lora.weights.npz"
+
+
+def _with_overrides(config, steps, output):
     config = load_config(config)
     overrides = {"steps": steps, "output": output}
     training = dataclasses.replace(
         config.training, **{k: v for k, v in overrides.items() if v is not None})
-    config = load_config({**config.to_dict(), "training": dataclasses.asdict(training)})
-    if not config.objectives:
-        raise ConfigError("pretrain needs `objectives`; this config has "
-                          + ("a task `head`" if config.head else "none"))
+    return load_config({**config.to_dict(), "training": dataclasses.asdict(training)})
+
+
+def _train(config, callbacks, verbose, log):
+    if verbose == "auto":  # a progress bar on terminals, a line per epoch in logs
+        verbose = 1 if sys.stdout.isatty() else 2
+    training = config.training
     registry = get_registry()
     check_plugins(config, registry)  # a typo fails now, not after tokenizer training
     output = pathlib.Path(training.output)
@@ -57,11 +119,26 @@ def pretrain(config, *, steps=None, output=None, callbacks=(), verbose="auto", l
     keras.utils.set_random_seed(training.seed)
 
     data = config.data
-    # One task per data source: the shared `data.source`, and each head's own.
-    sources = [build_data_source(config, registry, source) for source, _ in config.tasks]
-    splits = [split_heldout(source.examples(), data.heldout_fraction) for source in sources]
-    model = build_model(config, _tokenizer(config, registry, splits[0][0], output),
-                        registry=registry)
+    sources, splits = _sources(config, registry)
+    initial = None
+    if training.initialize_from:
+        initial = load_initial_model(training.initialize_from)
+        config = adopt_architecture(config, initial)
+        tokenizer = initial.tokenizer
+    else:
+        tokenizer = _tokenizer(config, registry, splits[0][0], output)
+    config = complete_head_options(config, registry, splits)
+    model = build_model(config, tokenizer, registry=registry)
+    if initial is not None:
+        copy_backbone_weights(initial, model)
+        log(f"Initialized the backbone from {training.initialize_from}")
+        del initial
+    if not model.is_pretraining:
+        from kerasllm.lora import count_parameters
+
+        counts = count_parameters(model)
+        log(f"Parameters: {counts['trainable']:,} trainable of {counts['total']:,} "
+            f"({counts['trainable'] / counts['total']:.2%})")
     checkpoints = CheckpointManager(output / "checkpoints", training.keep_checkpoints)
     step = checkpoints.restore(model)
     if step:
@@ -81,23 +158,12 @@ def pretrain(config, *, steps=None, output=None, callbacks=(), verbose="auto", l
             f"{'+'.join(head.name for head in heads)} {rate:.1%} ({size} examples)"
             for heads, rate, size in zip(task_heads, rates, sizes)))
 
-    def batches(heads, examples, **options):
-        return build_dataset(model, examples, data.batch_size, data.sequence_length,
-                             packing=data.packing, heads=heads, **options)
-
     train_batches = mix(model, [
-        (heads, batches(heads, training_examples, shuffle_buffer=data.shuffle_buffer,
-                        seed=training.seed, repeat=True))
+        (heads, _batches(model, config, heads, training_examples,
+                         shuffle_buffer=data.shuffle_buffer, seed=training.seed, repeat=True))
         for heads, (training_examples, _) in zip(task_heads, splits)
     ], rates or [1.0], seed=training.seed).skip(step)  # the batches already trained on
-    # Shuffled so that a few batches are not all one long document's (sentence-pair
-    # objectives draw their negatives within a batch); cached so that the
-    # evaluations before and after see the same batches.
-    eval_batches = mix(model, [
-        (heads, batches(heads, heldout_examples, shuffle_buffer=data.shuffle_buffer,
-                        seed=training.seed).take(data.eval_batches))
-        for heads, (_, heldout_examples) in zip(task_heads, splits)
-    ], None).cache()
+    eval_batches = _eval_batches(model, config, task_heads, splits)
     log(f"Held-out padding: {padding_fraction(eval_batches):.1%} of positions")
 
     start = model.evaluate(eval_batches, verbose=0, return_dict=True)
@@ -122,9 +188,88 @@ def pretrain(config, *, steps=None, output=None, callbacks=(), verbose="auto", l
         report = getattr(source, "report", None)
         if report and report.counts:
             log(f"Input handled: {report}")
+    result = {"start": start, "end": end, "step": final_step, "output": output}
+    if not model.is_pretraining:
+        result["task_metrics"] = _task_metrics(model, task_heads, splits)
+        log(f"Held-out task metrics: {_format(result['task_metrics'])}")
+        write_json(output / METRICS_FILE, {**end, **result["task_metrics"]})
     model.save(output / "model.keras")
     log(f"Saved {output / 'model.keras'}")
-    return {"start": start, "end": end, "step": final_step, "output": output}
+    if config.model.lora:
+        from kerasllm.lora import save_lora_weights
+
+        save_lora_weights(model, output / LORA_FILE)
+        log(f"Saved the LoRA adapters alone: {output / LORA_FILE}")
+    return result
+
+
+def _sources(config, registry):
+    """One data source per task (the shared ``data.source``, and each head's own),
+    and each one's (training, held-out) examples."""
+    sources = [build_data_source(config, registry, source) for source, _ in config.tasks]
+    splits = [split_heldout(source.examples(), config.data.heldout_fraction)
+              for source in sources]
+    return sources, splits
+
+
+def _batches(model, config, heads, examples, **options):
+    data = config.data
+    return build_dataset(model, examples, data.batch_size, data.sequence_length,
+                         packing=data.packing, heads=heads, **options)
+
+
+def _eval_batches(model, config, task_heads, splits):
+    # Shuffled so that a few batches are not all one long document's (sentence-pair
+    # objectives draw their negatives within a batch); cached so that the
+    # evaluations before and after see the same batches.
+    data = config.data
+    return mix(model, [
+        (heads, _batches(model, config, heads, heldout_examples,
+                         shuffle_buffer=data.shuffle_buffer,
+                         seed=config.training.seed).take(data.eval_batches))
+        for heads, (_, heldout_examples) in zip(task_heads, splits)
+    ], None).cache()
+
+
+def _task_metrics(model, task_heads, splits):
+    """Each task head's standard metrics on its held-out examples (all of them)."""
+    from kerasllm.evaluation import evaluate
+
+    metrics = {}
+    for heads, (_, heldout_examples) in zip(task_heads, splits):
+        if any(head not in model.objectives for head in heads):
+            metrics.update(evaluate(model, heldout_examples, model.config.data.batch_size))
+    return metrics
+
+
+def complete_head_options(config, registry, splits):
+    """The config with each task head's ``infer_options`` applied to its training
+    examples (label vocabularies, target scales), so they are saved with the model."""
+    config_dict = config.to_dict()
+    for (_, entries), (training_examples, _) in zip(config.tasks, splits):
+        for where, head_config, kind in entries:
+            if kind != "task head":
+                continue
+            cls = registry.get(kind, head_config.name, f"{where}.name")
+            options = cls.infer_options(training_examples, dict(head_config.options))
+            if options != head_config.options:
+                _entry(config_dict, where)["options"] = options
+    return load_config(config_dict)
+
+
+def _entry(config_dict, where):
+    """The head entry a config key (``head``, ``heads[1]``) names in a config dict."""
+    if where == "head":
+        return config_dict["head"]
+    section, index = where.rstrip("]").split("[")
+    return config_dict[section][int(index)]
+
+
+def write_json(path, values):
+    """Write ``values`` as JSON, atomically: a crash leaves the old file or none."""
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
 
 
 def _tokenizer(config, registry, examples, output):

@@ -22,6 +22,8 @@ import math
 import keras
 import tensorflow as tf
 
+from kerasllm.lora import LoRAEinsumDense
+
 ACTIVATIONS = {
     "gelu": lambda x: keras.activations.gelu(x, approximate=False),
     "gelu_approximate": lambda x: keras.activations.gelu(x, approximate=True),
@@ -112,11 +114,13 @@ class Attention(keras.layers.Layer):
         rotary_theta: apply rotary embeddings with this base to queries and
             keys; None for none.
         dropout: dropout rate on the attention probabilities.
+        lora: LoRA adapters, ``{"rank", "alpha", "dropout", "targets"}`` (targets
+            among ``query``, ``key``, ``value``, ``output``), or None.
     """
 
     def __init__(self, num_heads, num_key_value_heads=None, head_dim=None, causal=False,
                  use_bias=True, scale_scores=True, rotary_theta=None, dropout=0.0,
-                 kernel_initializer=None, **kwargs):
+                 kernel_initializer=None, lora=None, **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.num_key_value_heads = num_key_value_heads or num_heads
@@ -128,6 +132,7 @@ class Attention(keras.layers.Layer):
         self.dropout = dropout
         self.kernel_initializer = kernel_initializer or keras.initializers.TruncatedNormal(
             stddev=0.02)
+        self.lora = lora
         self.seed_generator = keras.random.SeedGenerator()
 
     def build(self, hidden_shape, padding_mask_shape=None, context_shape=None):
@@ -136,24 +141,29 @@ class Attention(keras.layers.Layer):
         self._head_dim = head_dim
         context_shape = context_shape or hidden_shape
 
-        def projection(name, heads, shape):
-            layer = keras.layers.EinsumDense(
-                "btd,dnh->btnh", output_shape=(None, heads, head_dim),
-                bias_axes="nh" if self.use_bias else None,
+        def projection(name, equation, output_shape, bias_axes, shape):
+            arguments = dict(
+                equation=equation, output_shape=output_shape,
+                bias_axes=bias_axes if self.use_bias else None,
                 kernel_initializer=self.kernel_initializer, name=name,
             )
+            if self.lora and name in self.lora["targets"]:
+                layer = LoRAEinsumDense(**arguments, rank=self.lora["rank"],
+                                        alpha=self.lora["alpha"], dropout=self.lora["dropout"])
+            else:
+                layer = keras.layers.EinsumDense(**arguments)
             layer.build(shape)
             return layer
 
-        self.query = projection("query", self.num_heads, hidden_shape)
-        self.key = projection("key", self.num_key_value_heads, context_shape)
-        self.value = projection("value", self.num_key_value_heads, context_shape)
-        self.output_projection = keras.layers.EinsumDense(
-            "btnh,nhd->btd", output_shape=(None, hidden_dim),
-            bias_axes="d" if self.use_bias else None,
-            kernel_initializer=self.kernel_initializer, name="output",
-        )
-        self.output_projection.build((*hidden_shape[:-1], self.num_heads, head_dim))
+        def input_projection(name, heads, shape):
+            return projection(name, "btd,dnh->btnh", (None, heads, head_dim), "nh", shape)
+
+        self.query = input_projection("query", self.num_heads, hidden_shape)
+        self.key = input_projection("key", self.num_key_value_heads, context_shape)
+        self.value = input_projection("value", self.num_key_value_heads, context_shape)
+        self.output_projection = projection(
+            "output", "btnh,nhd->btd", (None, hidden_dim), "d",
+            (*hidden_shape[:-1], self.num_heads, head_dim))
 
     def project_context(self, context):
         """Keys and values of a cross-attention context: computed once per
@@ -232,6 +242,7 @@ class Attention(keras.layers.Layer):
             "scale_scores": self.scale_scores, "rotary_theta": self.rotary_theta,
             "dropout": self.dropout,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "lora": self.lora,
         }
 
 
@@ -294,12 +305,15 @@ class TransformerBlock(keras.layers.Layer):
         scale_scores, rotary_theta: see ``Attention``.
         dropout: on attention probabilities and sub-layer outputs.
         layer_norm_epsilon: epsilon of the norms.
+        lora: LoRA adapters (see ``Attention``) for the self-attention and the
+            cross-attention alike, as PEFT's T5 targets (``q``, ``v``) name both.
     """
 
     def __init__(self, num_heads, intermediate_dim, num_key_value_heads=None, head_dim=None,
                  activation="gelu", gated=False, causal=False, cross_attention=False,
                  norm="layer", norm_first=False, use_bias=True, scale_scores=True,
-                 rotary_theta=None, dropout=0.0, layer_norm_epsilon=1e-12, **kwargs):
+                 rotary_theta=None, dropout=0.0, layer_norm_epsilon=1e-12, lora=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_heads = num_heads
         self.intermediate_dim = intermediate_dim
@@ -316,13 +330,14 @@ class TransformerBlock(keras.layers.Layer):
         self.rotary_theta = rotary_theta
         self.dropout = dropout
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.lora = lora
 
     def build(self, hidden_shape, padding_mask_shape=None, context_shape=None):
         def attention(name, causal, rotary_theta):
             return Attention(
                 self.num_heads, self.num_key_value_heads, self.head_dim, causal=causal,
                 use_bias=self.use_bias, scale_scores=self.scale_scores,
-                rotary_theta=rotary_theta, dropout=self.dropout, name=name,
+                rotary_theta=rotary_theta, dropout=self.dropout, lora=self.lora, name=name,
             )
 
         def norm(name):
@@ -381,4 +396,5 @@ class TransformerBlock(keras.layers.Layer):
             "norm_first": self.norm_first, "use_bias": self.use_bias,
             "scale_scores": self.scale_scores, "rotary_theta": self.rotary_theta,
             "dropout": self.dropout, "layer_norm_epsilon": self.layer_norm_epsilon,
+            "lora": self.lora,
         }

@@ -6,6 +6,7 @@ import tensorflow as tf
 from kerasllm.backbone import Backbone
 from kerasllm.config import load_config
 from kerasllm.errors import ConfigError
+from kerasllm.lora import apply_freezing
 
 # The targets key of a multi-task batch: which heads it is for (1.0) or not (0.0).
 HEADS_PRESENT = "heads_present"
@@ -59,6 +60,7 @@ class KerasLLMModel(keras.Model):
         for head in self.heads:
             head.build((None, None, self.backbone.hidden_dim))
         self.built = True
+        apply_freezing(self)
 
     def get_head(self, name):
         """The objective or task head called ``name`` in the config."""
@@ -122,6 +124,23 @@ class KerasLLMModel(keras.Model):
 
         return generate(self, prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, seed=seed, stop_token_ids=stop_token_ids)
+
+    def predict(self, x, batch_size=None, verbose="auto", steps=None, callbacks=None):
+        """Answers for raw text; Keras' ``predict`` for tensors and batches.
+
+        Strings, dicts of a task head's fields (``{"text": ..., "text_pair": ...}``,
+        ``{"question": ..., "context": ...}``) or lists of them give each example's
+        answer as the task head decodes it: a label and its probabilities, entity
+        spans with character offsets, an answer and its offsets in the context, …
+        (one answer per input; a dict by head name with several task heads). See
+        :func:`kerasllm.evaluation.predict`.
+        """
+        if _is_raw_text(x):
+            from kerasllm.evaluation import predict
+
+            return predict(self, x, batch_size or 32)
+        return super().predict(x, batch_size=batch_size, verbose=verbose, steps=steps,
+                               callbacks=callbacks)
 
     def prepare_batch(self, features, seed, heads=None):
         """tf.data: a batch of rows → ``(x, y)``, each head transforming in turn.
@@ -195,3 +214,17 @@ class KerasLLMModel(keras.Model):
         config = dict(config)
         tokenizer = keras.saving.deserialize_keras_object(config.pop("tokenizer"))
         return cls(tokenizer=tokenizer, **config)
+
+
+def _is_raw_text(x):
+    """Strings, or dicts of fields holding strings or lists of them (token
+    classification's ``words``), not a dict of token-id arrays."""
+    if isinstance(x, (list, tuple)) and x:
+        x = x[0]
+    return isinstance(x, str) or (
+        isinstance(x, dict) and any(_is_strings(value) for value in x.values()))
+
+
+def _is_strings(value):
+    return isinstance(value, str) or (
+        isinstance(value, (list, tuple)) and bool(value) and isinstance(value[0], str))

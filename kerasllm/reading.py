@@ -8,8 +8,8 @@ the same way:
   missing file, an empty glob or a directory, before anything is read.
 - ``Lines`` and ``Rows``: Python readers (JSONL, CSV, documents) decode UTF-8 with
   the ``encoding_errors`` policy and handle a malformed row with the ``on_error``
-  policy, naming the file and line; ``python_examples`` turns their examples into
-  a ``tf.data.Dataset``.
+  policy, naming the file and line; :mod:`kerasllm.records` turns their records
+  into typed examples and those into a ``tf.data.Dataset``.
 - ``clean_texts``: the same UTF-8 policy in graph, for readers that never leave
   TensorFlow (text lines, TFRecord, TFDS).
 - ``InputReport``: what was skipped or repaired, counted while the dataset is
@@ -18,7 +18,6 @@ the same way:
 
 import glob
 import importlib
-import itertools
 import os
 import re
 import threading
@@ -224,7 +223,8 @@ class Rows:
     def example(self, where, invalid, parse, *args):
         """``parse(*args)`` (an example dict, or ``MalformedRecord``), or None when the
         record is skipped: invalid UTF-8 under ``skip``, malformed under ``skip``, or
-        an empty text. ``where`` is the record's ``file:line``."""
+        an empty ``text`` (an example without one is never empty). ``where`` is the
+        record's ``file:line``."""
         if invalid:
             self.report.add(invalid_utf8(self.unit, self.encoding_errors), where=where)
             if self.encoding_errors == "skip":
@@ -234,7 +234,7 @@ class Rows:
         except MalformedRecord as error:
             self.reject(where, str(error))
             return None
-        if not example["text"].strip():
+        if has_empty_text(example):
             self.report.add(EMPTY_TEXTS, where=where)
             return None
         return example
@@ -245,37 +245,8 @@ class Rows:
         self.report.add(f"malformed {self.unit}s skipped", where=f"{where}: {problem}")
 
 
-def record_example(record, text_field, label_field=None, noun="field"):
-    """``{"text": ..., "label": ...}`` from a dict record, or ``MalformedRecord``."""
-    for field in (text_field, label_field):
-        if field is not None and field not in record:
-            raise MalformedRecord(f"no {noun} {field!r} (it has: {', '.join(map(str, record))})")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise MalformedRecord(f"{noun} {text_field!r} is not a string (got {type(text).__name__})")
-    if label_field is None:
-        return {"text": text}
-    label = record[label_field]
-    if not isinstance(label, int) or isinstance(label, bool):
-        raise MalformedRecord(f"{noun} {label_field!r} is not an integer (got {label!r})")
-    return {"text": text, "label": label}
-
-
-def python_examples(make_examples, label):
-    """A dataset of the examples ``make_examples()`` yields, called afresh each pass.
-
-    Examples are dicts with a ``text`` string and, with ``label``, an int ``label``
-    (int32 in the dataset). They cross into TensorFlow in batches of ``BATCH``.
-    """
-    fields = {"text": tf.string, **({"label": tf.int32} if label else {})}
-
-    def batches():
-        examples = make_examples()
-        while batch := list(itertools.islice(examples, BATCH)):
-            yield {name: [example[name] for example in batch] for name in fields}
-
-    signature = {name: tf.TensorSpec([None], dtype) for name, dtype in fields.items()}
-    return tf.data.Dataset.from_generator(batches, output_signature=signature).unbatch()
+def has_empty_text(example):
+    return "text" in example and not example["text"].strip()
 
 
 def clean_texts(batches, report, unit, encoding_errors, empty_reason=EMPTY_TEXTS):

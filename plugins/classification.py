@@ -1,57 +1,145 @@
-"""Sequence classification from the first token or the pooled output."""
+"""Sequence and sentence-pair classification: one label, or several (multi-label).
+
+Examples hold ``text``, optionally ``text_pair`` (packed as ``[CLS] A [SEP] B
+[SEP]`` with segment ids 0 and 1), and ``label``: a class id, a class name, or
+with ``multi_label`` a list of them. ``kerasllm finetune`` builds the label
+vocabulary from the training data when labels are names; it is saved with the
+model, and predictions name the classes.
+"""
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 import kerasllm
+from kerasllm import metrics
+from kerasllm.heads import SequenceLevelHead, weighted_mean
+from kerasllm.task_inputs import collect_labels, label_encoder, label_vocabulary
 
 
-class Classification(kerasllm.Head):
+class Classification(SequenceLevelHead):
     """Args:
-        num_classes: number of labels; examples carry an integer ``label``.
+        num_classes: number of classes; default: the number of ``labels``.
+        labels: the class names in id order; examples may then give names.
+        multi_label: each class is a separate yes/no (sigmoid and binary
+            cross-entropy); ``label`` is a list of the classes that apply.
+        class_weights: a loss weight per class: single-label, the weighted mean
+            of the cross-entropy by each example's class (as PyTorch's
+            ``CrossEntropyLoss(weight=...)``); multi-label, each class's binary
+            cross-entropy scaled by its weight.
+        threshold: multi-label: the probability above which a class applies.
         representation: ``pooled`` (the backbone's pooler) or ``first_token``
             (the first token's final hidden state).
         dropout: on the representation before the classifier.
     """
 
-    def __init__(self, backbone, tokenizer, num_classes, representation="pooled",
-                 dropout=0.1, **kwargs):
-        super().__init__(backbone, tokenizer, **kwargs)
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
-        if representation not in ("pooled", "first_token"):
-            raise ValueError(
-                f"representation must be 'pooled' or 'first_token', got {representation!r}")
-        if representation == "pooled" and not backbone.pooler:
-            raise ValueError("representation 'pooled' needs model.pooler: true")
+    def __init__(self, backbone, tokenizer, num_classes=None, labels=None, multi_label=False,
+                 class_weights=None, threshold=0.5, representation="pooled", dropout=0.1,
+                 **kwargs):
+        labels, num_classes = label_vocabulary(labels, num_classes, "num_classes", "class")
+        if class_weights is not None and (
+                len(class_weights) != num_classes or min(class_weights) < 0):
+            raise ValueError(f"class_weights must be {num_classes} weights >= 0, one per "
+                             f"class, got {class_weights!r}")
+        if not 0 < threshold < 1:
+            raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
+        super().__init__(backbone, tokenizer, num_classes, representation, dropout, **kwargs)
         self.num_classes = num_classes
-        self.representation = representation
-        self.dropout = keras.layers.Dropout(dropout)
-        self.classifier = keras.layers.Dense(
-            num_classes, kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
-            name="classifier",
-        )
-        self.accuracy = keras.metrics.SparseCategoricalAccuracy(name=f"{self.name}_accuracy")
+        self.labels = labels
+        self.multi_label = multi_label
+        self.class_weights = class_weights
+        self.threshold = threshold
+        if multi_label:
+            self.accuracy = keras.metrics.BinaryAccuracy(name=f"{self.name}_accuracy")
+        else:
+            self.accuracy = keras.metrics.SparseCategoricalAccuracy(name=f"{self.name}_accuracy")
 
-    def build(self, sequence_output_shape):
-        self.classifier.build((None, sequence_output_shape[-1]))
+    @classmethod
+    def infer_options(cls, examples, options):
+        if "labels" in options or "label" not in examples.element_spec:
+            return options
+        found = collect_labels(examples)
+        if isinstance(found[0], str):
+            return {**options, "labels": found}
+        if "num_classes" not in options:
+            return {**options, "num_classes": max(max(found) + 1, 2)}
+        return options
+
+    def encode(self, examples, tokenizer, sequence_length):
+        rows = super().encode(examples, tokenizer, sequence_length)
+        if "label" not in rows.element_spec:
+            return rows
+        to_ids = label_encoder(self.labels)
+        num_classes = self.num_classes
+
+        def label(row):
+            ids = to_ids(row["label"])
+            if self.multi_label:
+                ids = tf.reduce_max(tf.one_hot(tf.reshape(ids, [-1]), num_classes), axis=0)
+            return {**row, "label": ids}
+
+        return rows.map(label, num_parallel_calls=tf.data.AUTOTUNE)
 
     def prepare(self, features, seed):
         features = dict(features)
         return features, {"labels": features.pop("label")}
 
-    def call(self, backbone_outputs, inputs, training=False):
-        if self.representation == "pooled":
-            representation = backbone_outputs["pooled_output"]
-        else:
-            representation = backbone_outputs["sequence_output"][:, 0]
-        return self.classifier(self.dropout(representation, training=training))
-
     def compute_loss(self, targets, predictions):
-        return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
-            targets["labels"], predictions, from_logits=True))
+        labels = targets["labels"]
+        if self.multi_label:
+            losses = keras.losses.binary_crossentropy(
+                labels[..., None], predictions[..., None], from_logits=True)
+            if self.class_weights is not None:
+                losses *= tf.constant(self.class_weights, losses.dtype)
+            return tf.reduce_mean(losses)
+        losses = keras.losses.sparse_categorical_crossentropy(labels, predictions,
+                                                              from_logits=True)
+        if self.class_weights is None:
+            return tf.reduce_mean(losses)
+        return weighted_mean(losses, tf.gather(tf.constant(self.class_weights), labels))
 
     def update_metrics(self, targets, predictions):
-        self.accuracy.update_state(targets["labels"], predictions)
+        if self.multi_label:
+            self.accuracy.update_state(targets["labels"], tf.sigmoid(predictions))
+        else:
+            self.accuracy.update_state(targets["labels"], predictions)
+
+    def decode(self, predictions, rows):
+        names = self.labels or list(range(self.num_classes))
+        answers = []
+        for logits in predictions:
+            logits = logits.astype("float64")
+            if self.multi_label:
+                probabilities = 1 / (1 + np.exp(-logits))
+                chosen = [int(i) for i in np.flatnonzero(probabilities > self.threshold)]
+                answers.append({"labels": [names[i] for i in chosen], "label_ids": chosen,
+                                "probabilities": probabilities.tolist()})
+            else:
+                probabilities = np.exp(logits - logits.max())
+                probabilities /= probabilities.sum()
+                best = int(probabilities.argmax())
+                answers.append({"label": names[best], "label_id": best,
+                                "score": float(probabilities[best]),
+                                "probabilities": probabilities.tolist()})
+        return answers
+
+    def score(self, answers, examples):
+        if self.multi_label:
+            truth = np.zeros((len(examples), self.num_classes), int)
+            for row, example in zip(truth, examples):
+                row[[self._label_id(label) for label in example["label"]]] = 1
+            predicted = np.zeros_like(truth)
+            for row, answer in zip(predicted, answers):
+                row[answer["label_ids"]] = 1
+            return metrics.multilabel_scores(truth, predicted)
+        truth = [self._label_id(example["label"]) for example in examples]
+        predicted = [answer["label_id"] for answer in answers]
+        return {"accuracy": metrics.accuracy(truth, predicted),
+                "macro_f1": metrics.macro_f1(truth, predicted, self.num_classes),
+                "matthews_corrcoef": metrics.matthews_corrcoef(truth, predicted)}
+
+    def _label_id(self, label):
+        return self.labels.index(label) if isinstance(label, str) else int(label)
 
 
 @kerasllm.hookimpl

@@ -4,7 +4,7 @@ import contextlib
 import os
 
 import kerasllm
-from kerasllm import reading
+from kerasllm import reading, records
 
 BUILDERS = ("json", "csv", "parquet", "text")
 
@@ -72,7 +72,7 @@ class HFDatasetSource(kerasllm.DataSource):
         self.on_error = on_error
 
     def examples(self):
-        return reading.python_examples(self._rows, label=self.label_field is not None)
+        return records.python_examples(self._rows, label=self.label_field is not None)
 
     def _rows(self):
         rows = reading.Rows(self.report, "row", on_error=self.on_error)
@@ -80,7 +80,7 @@ class HFDatasetSource(kerasllm.DataSource):
         for batch in self.dataset.iter(batch_size=reading.BATCH):
             for values in zip(*batch.values()):
                 example = rows.example(
-                    f"{self.name} row {index}", False, reading.record_example,
+                    f"{self.name} row {index}", False, records.record_example,
                     dict(zip(batch, values)), self.text_field, self.label_field, "column")
                 index += 1
                 if example:

@@ -5,7 +5,7 @@ import itertools
 import tensorflow as tf
 
 import kerasllm
-from kerasllm import reading
+from kerasllm import reading, records
 
 
 class TextFiles(reading.FileSource):
@@ -35,7 +35,7 @@ class TextFiles(reading.FileSource):
 
     def examples(self):
         if self.mode == "document":
-            return reading.python_examples(self._documents, label=False)
+            return records.python_examples(self._documents, label=False)
         # Lines never leave the graph: TensorFlow reads them (dropping "\n" and "\r\n")
         # and checks them a batch at a time.
         lines = tf.data.TextLineDataset(self.files).batch(reading.BATCH)

@@ -298,9 +298,10 @@ def test_clm_builds_on_a_decoder(tokenizer):
     assert model.backbone.causal
 
 
-def test_classification_needs_num_classes(tokenizer):
+def test_classification_needs_num_classes_or_labels(tokenizer):
     message = build_error(head_config(name="classification"), tokenizer)
-    assert message == "head.options.num_classes is required by task head 'classification'"
+    assert message == ("head.options: invalid value for task head 'classification': "
+                       "give num_classes, or labels (the class names)")
 
 
 def test_classification_rejects_a_bad_num_classes(tokenizer):

@@ -17,6 +17,7 @@ from conftest import tiny_config
 import kerasllm
 from kerasllm.builder import build_data_source
 from kerasllm.plugins import get_registry
+from kerasllm import reading
 from kerasllm.reading import InputReport
 
 SOURCES = {"text": "text", "jsonl": "jsonl", "csv": "delimited", "tsv": "delimited",
@@ -29,11 +30,23 @@ def source(name, /, **options):
     return get_registry().get("data source", name, "data.source")(**options)
 
 
+def python_value(tensor):
+    value = tensor.numpy()
+    if tensor.dtype == tf.string:
+        return value.decode() if tensor.shape.rank == 0 else [item.decode() for item in value]
+    return value.tolist()
+
+
 def read(data_source):
-    """The examples as Python values: {"text": str, "label": int}."""
-    return [{name: value.numpy().decode("utf-8") if value.dtype == tf.string else int(value)
-             for name, value in example.items()}
+    """The examples as Python values: strings, ints, floats and lists of one of them."""
+    return [{name: python_value(value) for name, value in example.items()}
             for example in data_source.examples()]
+
+
+def specs(data_source):
+    """Each key's (dtype, shape) in the dataset."""
+    return {name: (spec.dtype, spec.shape.as_list())
+            for name, spec in data_source.examples().element_spec.items()}
 
 
 def texts(data_source):
@@ -294,6 +307,131 @@ def test_jsonl_applies_the_utf8_policy_per_row(tmp_path, encoding_errors, done, 
     assert rows.report.counts == {f"rows with invalid UTF-8 {done}": 1}
 
 
+def jsonl(path, *records):
+    return str(write(path, "".join(json.dumps(record) + "\n" for record in records)))
+
+
+def test_jsonl_fields_read_every_value_type_and_lists_of_any_length(tmp_path, monkeypatch):
+    monkeypatch.setattr(reading, "BATCH", 2)  # ragged batches end mid-file
+    path = jsonl(tmp_path / "a.jsonl",
+                 {"premise": "A man sleeps.", "hypothesis": "He is awake.", "gold": "no",
+                  "score": 0.5, "flag": True, "words": ["A", "man"], "ids": [3, 1, 4],
+                  "weights": [0.5, 1], "id": 7},
+                 {"premise": "Ada wrote.", "hypothesis": "", "gold": "yes", "score": 2,
+                  "flag": False, "words": [], "ids": [9], "weights": [], "id": 8},
+                 {"premise": "Cats.", "hypothesis": "Pets.", "gold": "yes", "score": -1.25,
+                  "flag": True, "words": ["Cats", ".", "!"], "ids": [], "weights": [2.5]})
+    rows = source("jsonl", paths=path, text_field="premise", label_field="gold", fields={
+        "text_pair": "hypothesis", "score": "score", "flag": "flag", "words": "words",
+        "ids": "ids", "weights": "weights"})
+    assert read(rows) == [
+        {"text": "A man sleeps.", "text_pair": "He is awake.", "label": "no", "score": 0.5,
+         "flag": 1, "words": ["A", "man"], "ids": [3, 1, 4], "weights": [0.5, 1.0]},
+        {"text": "Ada wrote.", "text_pair": "", "label": "yes", "score": 2.0, "flag": 0,
+         "words": [], "ids": [9], "weights": []},
+        {"text": "Cats.", "text_pair": "Pets.", "label": "yes", "score": -1.25, "flag": 1,
+         "words": ["Cats", ".", "!"], "ids": [], "weights": [2.5]},
+    ]
+    assert specs(rows) == {
+        "text": (tf.string, []), "text_pair": (tf.string, []), "label": (tf.string, []),
+        "score": (tf.float32, []), "flag": (tf.int32, []), "words": (tf.string, [None]),
+        "ids": (tf.int32, [None]), "weights": (tf.float32, [None])}
+    assert all(isinstance(spec, tf.TensorSpec)
+               for spec in rows.examples().element_spec.values())
+
+
+@pytest.mark.parametrize("labels, dtype", [([1.5, 0], tf.float32), (["pos", "neg"], tf.string)])
+def test_jsonl_labels_may_be_floats_or_label_names(tmp_path, labels, dtype):
+    path = jsonl(tmp_path / "a.jsonl", *({"text": f"t{i}", "label": label}
+                                         for i, label in enumerate(labels)))
+    rows = source("jsonl", paths=path, label_field="label")
+    assert [example["label"] for example in read(rows)] == labels
+    assert specs(rows)["label"] == (dtype, [])
+
+
+def test_jsonl_examples_have_no_text_when_fields_name_none(tmp_path):
+    path = jsonl(tmp_path / "qa.jsonl",
+                 {"q": "", "c": "Ada wrote it.", "a": "Ada", "start": 0},
+                 {"q": "Who?", "c": "   ", "a": "Bo", "start": 4})
+    rows = source("jsonl", paths=path, fields={
+        "question": "q", "context": "c", "answer": "a", "answer_start": "start"})
+    # Only an empty text skips a row: these rows have none.
+    assert read(rows) == [
+        {"question": "", "context": "Ada wrote it.", "answer": "Ada", "answer_start": 0},
+        {"question": "Who?", "context": "   ", "answer": "Bo", "answer_start": 4}]
+    assert rows.report.counts == {}
+
+
+def test_jsonl_with_no_example_gives_an_empty_dataset_of_text_and_label(tmp_path):
+    rows = source("jsonl", paths=jsonl(tmp_path / "a.jsonl", {"text": " ", "label": 0.5}),
+                  label_field="label")
+    assert read(rows) == []
+    assert rows.report.counts == {"empty texts skipped": 1}  # one pass, begun when made
+    assert specs(rows) == {"text": (tf.string, []), "label": (tf.int32, [])}
+
+
+# The first row sets each key's type; (value there, value in row 3, the problem).
+TYPE_CHANGES = [
+    (1, 1.5, "field 'v' is not an integer (got 1.5)"),
+    (0.5, "x", "field 'v' is not a number (got 'x')"),
+    ("pos", 1, "field 'v' is not a string (got 1)"),
+    (True, 1, "field 'v' is not a boolean (got 1)"),
+    ([1, 2], ["a"], "field 'v' is not a list of integers (got ['a'])"),
+    (["a"], "a", "field 'v' is not a list of strings (got 'a')"),
+    (1, {"a": 1}, "field 'v' is not a string, a number, a boolean or a list of one of them "
+                  "(got {'a': 1})"),
+    (["a"], [1, "a"], "field 'v' is not a string, a number, a boolean or a list of one of "
+                      "them (got [1, 'a'])"),
+]
+
+
+@pytest.mark.parametrize("first, later, problem", TYPE_CHANGES)
+def test_jsonl_a_type_change_is_a_malformed_row_named_by_line_or_skipped(tmp_path, first, later,
+                                                                          problem):
+    path = jsonl(tmp_path / "a.jsonl", {"text": "a", "v": first}, {"text": "", "v": later},
+                 {"text": "b", "v": later}, {"text": "c", "v": first})
+    fields = {"text": "text", "value": "v"}
+    message = read_error(source("jsonl", paths=path, fields=fields))
+    assert f"DataError: {path}:3: {problem}; {HINT}" in message
+    rows = source("jsonl", paths=path, fields=fields, on_error="skip")
+    assert [example["text"] for example in read(rows)] == ["a", "c"]
+    assert str(rows.report) == (f"empty texts skipped: 1 (first: {path}:2), "
+                                f"malformed rows skipped: 1 (first: {path}:3: {problem})")
+
+
+def test_jsonl_a_list_takes_its_type_from_the_first_example_where_it_has_items(tmp_path):
+    path = jsonl(tmp_path / "a.jsonl", {"text": "a", "tags": []}, {"text": "b", "tags": [2]},
+                 {"text": "c", "tags": []}, {"text": "d", "tags": ["x"]})
+    fields = {"text": "text", "tags": "tags"}
+    assert f"DataError: {path}:4: field 'tags' is not a list of integers (got ['x']); " \
+        f"{HINT}" in read_error(source("jsonl", paths=path, fields=fields))
+    rows = source("jsonl", paths=path, fields=fields, on_error="skip")
+    assert read(rows) == [{"text": "a", "tags": []}, {"text": "b", "tags": [2]},
+                          {"text": "c", "tags": []}]
+    assert specs(rows)["tags"] == (tf.int32, [None])
+    empty = jsonl(tmp_path / "empty.jsonl", {"text": "a", "tags": []})
+    # The dataset's dtypes are found when it is made.
+    with pytest.raises(reading.DataError, match="^'tags': an empty list in every example, so "
+                       "no item shows the dtype; give one example an item$"):
+        source("jsonl", paths=empty, fields=fields).examples()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"text_field": "body", "fields": {"text": "title"}},
+     "text_field and fields.text both name the field of text; give one of them"),
+    ({"label_field": "y", "fields": {"label": "y"}},
+     "label_field and fields.label both name the field of label; give one of them"),
+    ({"fields": ["text"]}, "fields must be a mapping from example key to field, e.g. "
+                           "{text: question, text_pair: context}, got ['text']"),
+    ({"fields": {}}, "fields must be a mapping from example key to field, e.g. "
+                     "{text: question, text_pair: context}, got {}"),
+    ({"fields": {"text": "body", "label": 3}}, "fields.label must be a field name, got 3"),
+])
+def test_jsonl_rejects_bad_or_conflicting_fields(tmp_path, options, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        source("jsonl", paths=jsonl(tmp_path / "a.jsonl", {"text": "x"}), **options)
+
+
 # --- csv and tsv ------------------------------------------------------------------------
 
 CSV = ('id,text,label\r\n'
@@ -375,6 +513,51 @@ def test_csv_skips_a_whole_multiline_row_holding_invalid_utf8(tmp_path):
     rows = source("csv", paths=str(path), encoding_errors="skip")
     assert texts(rows) == ["ok"]
     assert str(rows.report) == f"rows with invalid UTF-8 skipped: 1 (first: {path}:2)"
+
+
+@pytest.mark.parametrize("label_type, labels", [("float", [1.5, -2.0]), ("str", ["yes", "2"])])
+def test_csv_columns_add_string_keys_and_label_type_reads_the_label(tmp_path, label_type,
+                                                                    labels):
+    path = write(tmp_path / "a.csv", f"premise,gold,hypothesis\nA man sleeps.,{labels[0]},"
+                                     f"\nCats.,{labels[1]},Pets.\n")
+    rows = source("csv", paths=str(path), label_type=label_type, text_column="premise",
+                  columns={"text_pair": "hypothesis", "label": 1})
+    assert read(rows) == [{"text": "A man sleeps.", "text_pair": "", "label": labels[0]},
+                          {"text": "Cats.", "text_pair": "Pets.", "label": labels[1]}]
+    assert specs(rows)["label"] == ({"float": tf.float32, "str": tf.string}[label_type], [])
+
+
+def test_tsv_columns_need_no_text_and_name_headerless_columns_by_index(tmp_path):
+    path = write(tmp_path / "a.tsv", "Who?\tAda wrote it.\n\tBo\n")
+    rows = source("tsv", paths=str(path), header=False,
+                  columns={"question": 0, "context": 1})
+    assert read(rows) == [{"question": "Who?", "context": "Ada wrote it."},
+                          {"question": "", "context": "Bo"}]
+
+
+def test_csv_a_label_not_of_label_type_names_file_and_line(tmp_path):
+    path = write(tmp_path / "a.csv", "text,label\nok,0.5\nbad,x\n")
+    assert f"DataError: {path}:3: label 'x' is not a number; {HINT}" in read_error(
+        source("csv", paths=str(path), label_column="label", label_type="float"))
+
+
+def test_csv_a_column_missing_from_the_header_names_its_columns_option(tmp_path):
+    path = write(tmp_path / "a.csv", "text,label\nx,1\n")
+    with pytest.raises(ValueError) as error:
+        source("csv", paths=str(path), columns={"text": "text", "text_pair": "context"})
+    assert str(error.value) == (f"{path}: no column 'context' in the header (columns: text, "
+                                "label); set data.options.columns.text_pair to one of them")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"text_column": "text", "columns": {"text": "body"}},
+     "text_column and columns.text both name the column of text; give one of them"),
+    ({"columns": {"label": 1.5}}, "columns.label must be a column name or index, got 1.5"),
+    ({"label_type": "bool"}, "label_type must be 'int', 'float' or 'str', got 'bool'"),
+])
+def test_csv_rejects_bad_or_conflicting_columns(tmp_path, options, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        source("csv", paths=str(write(tmp_path / "a.csv", "text\nx\n")), **options)
 
 
 # --- tfrecord ---------------------------------------------------------------------------
@@ -460,6 +643,25 @@ def test_iterable_refuses_one_shot_iterators_and_bad_items():
     assert "DataError: items[1]: no key 'label' (it has: text)" in read_error(mixed)
     assert "DataError: items[1]: expected a string or a dict, got int" in read_error(
         source("iterable", items=["a", 3]))
+
+
+def test_iterable_dicts_carry_any_keys_with_lists_of_any_length():
+    items = [{"words": ["Ada", "wrote"], "tags": [1, 0], "score": 0.5, "gold": True},
+             {"words": ["Hi"], "tags": [0], "score": 2, "gold": False, "extra": "left out"},
+             {"words": [], "tags": [], "score": -1.25, "gold": True}]
+    examples = source("iterable", items=items)
+    assert read(examples) == [
+        {"words": ["Ada", "wrote"], "tags": [1, 0], "score": 0.5, "gold": 1},
+        {"words": ["Hi"], "tags": [0], "score": 2.0, "gold": 0},
+        {"words": [], "tags": [], "score": -1.25, "gold": 1}]
+    assert specs(examples) == {"words": (tf.string, [None]), "tags": (tf.int32, [None]),
+                               "score": (tf.float32, []), "gold": (tf.int32, [])}
+    assert "DataError: items[1]: key 'score' is not an integer (got 2.5)" in read_error(
+        source("iterable", items=[{"text": "a", "score": 1}, {"text": "b", "score": 2.5}]))
+    with pytest.raises(reading.DataError, match=re.escape(
+            "items[0]: key 'spans' is not a string, a number, a boolean or a list of one of "
+            "them (got [[0, 3]])")):
+        source("iterable", items=[{"text": "a", "spans": [[0, 3]]}]).examples()
 
 
 # --- tfds -------------------------------------------------------------------------------

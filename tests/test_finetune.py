@@ -1,0 +1,136 @@
+"""`kerasllm finetune` and `kerasllm evaluate`: from a pretrained kerasllm model,
+through the CLI, to task metrics on held-out data, printed and written as JSON."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+import kerasllm
+from conftest import tiny_config
+from kerasllm.cli import main
+from kerasllm_plugins.builtin import pydoc_topics, stdlib_docstrings
+
+
+def paragraphs(documents, limit):
+    found = [" ".join(p.split()) for d in documents for p in d.split("\n\n")
+             if len(p.split()) >= 8]
+    return found[:limit]
+
+
+@pytest.fixture(scope="module")
+def labelled_file(tmp_path_factory):
+    reference, library = paragraphs(pydoc_topics(), 400), paragraphs(stdlib_docstrings(), 400)
+    rows = [{"body": text, "source": "reference"} for text in reference] + \
+        [{"body": text, "source": "library"} for text in library]
+    order = np.random.default_rng(0).permutation(len(rows))
+    path = tmp_path_factory.mktemp("data") / "labelled.jsonl"
+    path.write_text("".join(json.dumps(rows[i]) + "\n" for i in order))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("pretrained") / "model.keras"
+    kerasllm.build_model(tiny_config(), tokenizer).save(path)
+    return path
+
+
+def finetune_config(tmp_path, labelled_file, **training):
+    return tiny_config(
+        objectives=[],
+        head={"name": "classification"},
+        data={"source": "jsonl", "heldout_fraction": 0.2, "eval_batches": 4, "batch_size": 16,
+              "options": {"paths": str(labelled_file), "text_field": "body",
+                          "label_field": "source"}},
+        training={"steps": 120, "steps_per_epoch": 40, "checkpoint_every": 40,
+                  "output": str(tmp_path / "run"), **training})
+
+
+def write(tmp_path, config):
+    path = tmp_path / "finetune.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_finetune_from_a_pretrained_model_then_evaluate(tmp_path, labelled_file, pretrained,
+                                                         capsys):
+    config = finetune_config(tmp_path, labelled_file, initialize_from=str(pretrained))
+    assert main(["finetune", str(write(tmp_path, config))]) == 0
+    printed = capsys.readouterr().out
+    assert f"Initialized the backbone from {pretrained}" in printed
+    assert "Parameters: " in printed and "trainable of" in printed
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["classification_accuracy"] > 0.75, written
+    for name in ("classification_macro_f1", "classification_matthews_corrcoef"):
+        assert f"{name}" in printed
+        assert 0 < written[name] <= 1
+
+    model = kerasllm.load_model(tmp_path / "run")
+    source = kerasllm.load_model(pretrained)
+    # Fine-tuning changed the weights it started from, and kept the vocabulary.
+    assert model.tokenizer.get_vocabulary() == source.tokenizer.get_vocabulary()
+    # The label vocabulary, built from the training data, is saved with the model.
+    assert model.config.head.options == {"labels": ["library", "reference"]}
+    assert model.predict(paragraphs(pydoc_topics(), 3))[0]["label"] in ("library", "reference")
+
+    capsys.readouterr()
+    output = tmp_path / "evaluation.json"
+    assert main(["evaluate", str(write(tmp_path, config)), "--json", str(output)]) == 0
+    evaluated = json.loads(output.read_text())
+    for name, value in written.items():
+        assert evaluated[name] == pytest.approx(value, abs=1e-6), name
+    assert "classification_accuracy" in capsys.readouterr().out
+
+
+def test_finetune_with_lora_saves_the_adapters(tmp_path, labelled_file, pretrained, capsys):
+    config = finetune_config(tmp_path, labelled_file, initialize_from=str(pretrained),
+                             steps=40)
+    config["model"] = {"lora": {"rank": 4}}
+    assert main(["finetune", str(write(tmp_path, config))]) == 0
+    # Rank 4 on query and value of 2 blocks, 32 wide: 4 × 4 × (32 + 32); the
+    # classifier: 32 × 2 + 2.
+    assert "Parameters: 1,090 trainable of" in capsys.readouterr().out
+    model = kerasllm.load_model(tmp_path / "run")
+    adapters = np.load(tmp_path / "run" / "lora.weights.npz")
+    stored = {name: adapters[name] for name in adapters.files
+              if name.endswith(("/lora_a", "/lora_b"))}
+    assert len(stored) == 8
+    for weight in model.backbone.weights:
+        if weight.path in stored:
+            np.testing.assert_array_equal(weight.numpy(), stored[weight.path])
+
+
+def test_finetune_resumes_from_its_checkpoints(tmp_path, labelled_file, capsys):
+    config = write(tmp_path, finetune_config(tmp_path, labelled_file))
+    assert main(["finetune", str(config), "--steps", "40"]) == 0
+    assert main(["finetune", str(config), "--steps", "80"]) == 0
+    assert "Resuming from step 40" in capsys.readouterr().out
+    model = kerasllm.load_model(tmp_path / "run")
+    assert int(model.optimizer.iterations.numpy()) == 80
+
+
+def test_initialize_from_keeps_the_architecture(tmp_path, labelled_file, pretrained, capsys):
+    config = finetune_config(tmp_path, labelled_file, initialize_from=str(pretrained))
+    config["model"]["num_layers"] = 3
+    assert main(["finetune", str(write(tmp_path, config))]) == 2
+    assert ("model.num_layers is 3, but training.initialize_from's model has 2; fine-tuning "
+            "keeps the architecture it starts from (only dropout, lora may change): remove "
+            "model.num_layers") in capsys.readouterr().err
+
+
+def test_initialize_from_must_exist(tmp_path, labelled_file, capsys):
+    config = finetune_config(tmp_path, labelled_file,
+                             initialize_from=str(tmp_path / "missing"))
+    assert main(["finetune", str(write(tmp_path, config))]) == 2
+    assert "training.initialize_from: not found" in capsys.readouterr().err
+
+
+def test_finetune_and_pretrain_refuse_each_others_configs(tmp_path, labelled_file, capsys):
+    assert main(["finetune", str(write(tmp_path, tiny_config()))]) == 2
+    assert "finetune needs a task `head` (or `heads`); this config has only `objectives`: " \
+           "use `kerasllm pretrain`" in capsys.readouterr().err
+    assert main(["pretrain", str(write(tmp_path, finetune_config(tmp_path, labelled_file)))]) == 2
+    assert "pretrain needs `objectives`; this config has a task `head`: use `kerasllm " \
+           "finetune`" in capsys.readouterr().err
