@@ -75,9 +75,11 @@ ADJUSTABLE_MODEL_KEYS = ("dropout", "lora")
 
 
 def adopt_architecture(config, initial):
-    """``config`` with the ``model`` section of the model it starts from (less what
-    fine-tuning may change: dropout, LoRA). A key the config sets to another value
-    than both the default and the starting model's is refused, not ignored."""
+    """``config`` with the ``model`` section of the model it starts from, but for
+    what fine-tuning may change (dropout, LoRA) where the config sets it. A key the
+    config sets to another value than both the default and the starting model's
+    is refused, not ignored; the config's other sections are checked against the
+    adopted architecture (sequence length, blocks to freeze)."""
     own = config.to_dict()["model"]
     theirs = initial.config.to_dict()["model"]
     defaults = load_config({}).to_dict()["model"]
@@ -89,8 +91,11 @@ def adopt_architecture(config, initial):
                 f"model.{key} is {value!r}, but training.initialize_from's model has "
                 f"{theirs[key]!r}; fine-tuning keeps the architecture it starts from "
                 f"(only {', '.join(ADJUSTABLE_MODEL_KEYS)} may change): remove model.{key}")
-    model = {**theirs, **{key: own[key] for key in ADJUSTABLE_MODEL_KEYS}}
-    return load_config({**config.to_dict(), "model": model})
+    # Dropout as the config sets it, else as the starting model had it.
+    changed = {key: own[key] for key in ADJUSTABLE_MODEL_KEYS if own[key] != defaults[key]}
+    adopted = load_config({**config.to_dict(), "model": {**theirs, **changed}})
+    adopted.check_architecture()
+    return adopted
 
 
 def copy_backbone_weights(source, target):
@@ -102,15 +107,19 @@ def copy_backbone_weights(source, target):
         if weight.path in weights:
             if tuple(weight.shape) != tuple(weights[weight.path].shape):
                 raise KerasLLMError(
-                    f"{weight.path}: shape {tuple(weights[weight.path].shape)} in the starting "
-                    f"model, {tuple(weight.shape)} in the new one")
+                    f"{weight.path}: shape {tuple(weights[weight.path].shape)} in "
+                    f"training.initialize_from's model, {tuple(weight.shape)} in the new one")
             weight.assign(weights[weight.path])
             unused.discard(weight.path)
         elif "lora" not in weight.name:
-            raise KerasLLMError(f"{weight.path} has no counterpart in the starting model")
+            raise KerasLLMError(
+                f"{weight.path} has no counterpart in training.initialize_from's model")
     if unused:
-        raise KerasLLMError(f"the starting model's {sorted(unused)[0]} has no place in the "
-                            "new model")
+        first = sorted(unused)[0]
+        hint = ("; it holds LoRA adapters: keep its model.lora, or start from "
+                "kerasllm.lora.merge_lora(model) saved as a .keras file") if "lora" in first else ""
+        raise KerasLLMError(f"training.initialize_from's model has {first}, which has no "
+                            f"place in the new model{hint}")
 
 
 def build_data_source(config, registry=None, source=None):
@@ -152,9 +161,10 @@ def build_tokenizer(config, registry=None, examples=None):
                    ("cls", "texts", "vocabulary_size", "lowercase", "sentinels"))
     if examples is None:
         examples = build_data_source(config, registry).examples()
+    training_texts = texts(examples)
     try:
         return factory.train(
-            texts(examples), vocabulary_size=tokenizer_config.vocabulary_size,
+            training_texts, vocabulary_size=tokenizer_config.vocabulary_size,
             lowercase=tokenizer_config.lowercase, sentinels=tokenizer_config.sentinels,
             **tokenizer_config.options,
         )

@@ -139,7 +139,7 @@ def _evaluate(args):
 
 def _print_result(result):
     start, end = result["start"], result["end"]
-    width = max(24, *(len(name) + 2 for name in end))
+    width = max([24, *(len(name) + 2 for name in end)])
     print("\nHeld-out evaluation")
     print(f"{'metric':<{width}}{'before':>12}{'after':>12}")
     for name in sorted(end):
@@ -147,7 +147,7 @@ def _print_result(result):
 
 
 def _print_metrics(metrics):
-    width = max(24, *(len(name) + 2 for name in metrics))
+    width = max([24, *(len(name) + 2 for name in metrics)])
     print(f"{'metric':<{width}}{'value':>12}")
     for name, value in sorted(metrics.items()):
         print(f"{name:<{width}}{value:>12.4f}")

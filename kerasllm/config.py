@@ -259,6 +259,12 @@ class Config:
                 "objectives and task heads cannot share a data source: objectives make "
                 "their rows from whole documents, task heads from labelled examples; "
                 "give the task heads (or the objectives) their own `data: {source: ...}`")
+        if not self.training.initialize_from:  # else the starting model's, once loaded
+            self.check_architecture()
+
+    def check_architecture(self):
+        """What the rest of the config asks of the model section: blocks to freeze,
+        positions for the sequence length."""
         for depth_key in ("num_layers", "num_decoder_layers"):
             depth = getattr(self.model, depth_key)
             if depth is not None and self.training.freeze_layers > depth:

@@ -44,6 +44,11 @@ def split_heldout(examples, fraction):
 
 def texts(examples):
     """The ``text`` field alone, e.g. to train a tokenizer."""
+    if "text" not in examples.element_spec:
+        raise ConfigError(
+            f"training a tokenizer reads the examples' text, and these have none (they "
+            f"have: {', '.join(examples.element_spec)}); give tokenizer.vocabulary, or "
+            "start from a model with training.initialize_from")
     return examples.map(lambda example: example["text"])
 
 

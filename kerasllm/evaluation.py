@@ -6,15 +6,10 @@ raw examples (strings, dicts or a ``tf.data.Dataset``) → each task head's
 (labels, spans, answer text) → the head's ``score`` against the references.
 """
 
-import weakref
-
 import numpy as np
 import tensorflow as tf
 
 from kerasllm.errors import KerasLLMError
-
-_FORWARD = weakref.WeakKeyDictionary()  # head → its compiled forward pass
-
 
 def predict(model, inputs, batch_size=32):
     """Answers for raw inputs: one per input for a model with one task head, else
@@ -33,12 +28,13 @@ def predict(model, inputs, batch_size=32):
     return answers[heads[0].name] if len(heads) == 1 else answers
 
 
-def evaluate(model, examples, batch_size=32):
-    """Each task head's standard metrics on raw labelled ``examples`` (a dataset),
-    keyed ``<head>_<metric>``, e.g. ``classification_macro_f1``."""
+def evaluate(model, examples, batch_size=32, heads=None):
+    """Task heads' standard metrics on raw labelled ``examples`` (a dataset), keyed
+    ``<head>_<metric>``, e.g. ``classification_macro_f1``. ``heads``: the task
+    heads these examples are for (default: all)."""
     references = as_python(examples)
     metrics = {}
-    for head in task_heads(model):
+    for head in heads or task_heads(model):
         answers = head.predict_examples(model, examples, batch_size)
         for name, value in head.score(answers, references).items():
             metrics[f"{head.name}_{name}"] = float(value)
@@ -71,15 +67,17 @@ def run_rows(model, head, examples, batch_size=32):
 
 
 def _forward(model, head):
-    if head not in _FORWARD:
+    """The backbone and ``head``, compiled once per head (kept on it, untracked)."""
+    forward = head.__dict__.get("_compiled_forward")
+    if forward is None:
         @tf.function(reduce_retracing=True)
         def forward(x):
             inputs = head.transform_inputs(x, training=False)
             outputs = model.backbone({key: inputs[key] for key in model.backbone.input_keys},
                                      training=False)
             return head(outputs, inputs, training=False)
-        _FORWARD[head] = forward
-    return _FORWARD[head]
+        object.__setattr__(head, "_compiled_forward", forward)
+    return forward
 
 
 def _split_rows(batch):

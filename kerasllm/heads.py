@@ -175,19 +175,29 @@ class SequenceLevelHead(Head):
 
     Args:
         units: outputs of the dense layer.
-        representation: ``pooled`` (the backbone's pooler; encoders) or
-            ``first_token`` (the first token's final hidden state).
+        representation: ``pooled`` (the backbone's pooler; encoders),
+            ``first_token`` (the first token's final hidden state) or
+            ``last_token`` (the last real token's: in a decoder the only one that
+            has seen the whole text, as Hugging Face's GPT-2 and Llama
+            classifiers use). Default: ``pooled`` with a pooler, else
+            ``last_token`` for decoders and ``first_token`` for encoders.
         dropout: on the representation, while training.
     """
 
-    def __init__(self, backbone, tokenizer, units, representation="pooled", dropout=0.1,
+    REPRESENTATIONS = ("pooled", "first_token", "last_token")
+
+    def __init__(self, backbone, tokenizer, units, representation=None, dropout=0.1,
                  **kwargs):
         super().__init__(backbone, tokenizer, **kwargs)
-        if representation not in ("pooled", "first_token"):
-            raise ValueError(
-                f"representation must be 'pooled' or 'first_token', got {representation!r}")
+        if representation is None:
+            representation = "pooled" if backbone.pooler else (
+                "last_token" if backbone.causal else "first_token")
+        if representation not in self.REPRESENTATIONS:
+            raise ValueError(f"representation must be one of {', '.join(self.REPRESENTATIONS)}, "
+                             f"got {representation!r}")
         if representation == "pooled" and not backbone.pooler:
-            raise ValueError("representation 'pooled' needs model.pooler: true")
+            raise ValueError("representation 'pooled' needs model.pooler: true; or use "
+                             "representation: first_token (last_token for decoders)")
         self.representation = representation
         self.dropout = keras.layers.Dropout(dropout)
         self.output_dense = keras.layers.Dense(
@@ -198,8 +208,12 @@ class SequenceLevelHead(Head):
         self.output_dense.build((None, sequence_output_shape[-1]))
 
     def call(self, backbone_outputs, inputs, training=False):
+        sequence_output = backbone_outputs["sequence_output"]
         if self.representation == "pooled":
             representation = backbone_outputs["pooled_output"]
+        elif self.representation == "first_token":
+            representation = sequence_output[:, 0]
         else:
-            representation = backbone_outputs["sequence_output"][:, 0]
+            last = tf.reduce_sum(tf.cast(inputs["padding_mask"] > 0, tf.int32), axis=1) - 1
+            representation = tf.gather(sequence_output, tf.maximum(last, 0), batch_dims=1)
         return self.output_dense(self.dropout(representation, training=training))

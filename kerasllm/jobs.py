@@ -237,8 +237,10 @@ def _task_metrics(model, task_heads, splits):
 
     metrics = {}
     for heads, (_, heldout_examples) in zip(task_heads, splits):
-        if any(head not in model.objectives for head in heads):
-            metrics.update(evaluate(model, heldout_examples, model.config.data.batch_size))
+        heads = [head for head in heads if head not in model.objectives]
+        if heads:
+            metrics.update(evaluate(model, heldout_examples, model.config.data.batch_size,
+                                    heads))
     return metrics
 
 
@@ -266,7 +268,10 @@ def _entry(config_dict, where):
 
 
 def write_json(path, values):
-    """Write ``values`` as JSON, atomically: a crash leaves the old file or none."""
+    """Write ``values`` as JSON, atomically: a crash leaves the old file or none. An
+    undefined metric (NaN: a correlation with a constant side) is written as null,
+    which JSON has, unlike NaN."""
+    values = {name: None if value != value else value for name, value in values.items()}
     partial = path.with_name(f".{path.name}.tmp")
     partial.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     os.replace(partial, path)

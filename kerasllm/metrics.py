@@ -3,7 +3,7 @@
 Classification (``accuracy``, ``macro_f1``, ``matthews_corrcoef``), regression
 (``pearson``, ``spearman``), multi-label (``multilabel_scores``), entity-level
 sequence labelling (``entity_spans``, ``entity_f1``) and extractive question
-answering (``squad_*``). Each returns what the implementation papers report with
+answering (``squad_*``). Each returns what the reference implementation
 returns — scikit-learn, SciPy, seqeval in its default mode, the official SQuAD
 v1.1 evaluation script — and ``tests/test_metrics.py`` checks it against them.
 None of those is imported here: the metrics need only numpy and the standard

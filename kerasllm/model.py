@@ -57,6 +57,15 @@ class KerasLLMModel(keras.Model):
                     f"{' and '.join(builders)} both rebuild the rows of "
                     f"{'data.source' if source is None else source.source}; use one of "
                     "them per data source")
+            # Task heads on one source share the first one's rows (``Head.encode``).
+            encoders = {}
+            for where, head_config, kind in entries:
+                if kind == "task head":
+                    encoders.setdefault(type(self.get_head(head_config.name)).encode, where)
+            if len(encoders) > 1:
+                raise ConfigError(
+                    f"{' and '.join(encoders.values())} read their examples differently, so "
+                    "they cannot share a data source; give each its own `data: {source: ...}`")
         for head in self.heads:
             head.build((None, None, self.backbone.hidden_dim))
         self.built = True
@@ -218,7 +227,11 @@ class KerasLLMModel(keras.Model):
 
 def _is_raw_text(x):
     """Strings, or dicts of fields holding strings or lists of them (token
-    classification's ``words``), not a dict of token-id arrays."""
+    classification's ``words``), not a dict of token-id arrays; or a dataset of
+    such dicts."""
+    if isinstance(x, tf.data.Dataset):
+        return isinstance(x.element_spec, dict) and any(
+            getattr(spec, "dtype", None) == tf.string for spec in x.element_spec.values())
     if isinstance(x, (list, tuple)) and x:
         x = x[0]
     return isinstance(x, str) or (

@@ -32,10 +32,11 @@ def encode_segments(examples, tokenizer, sequence_length, keys=("text", "text_pa
     ``keys`` present in the examples are the segments, in order (``text_pair``
     is optional); the examples' other fields are kept, the segments' strings not.
     """
-    keys = [key for key in keys if key in examples.element_spec]
-    if not keys:
+    present = [key for key in keys if key in examples.element_spec]
+    if not present:
         raise ValueError(f"the examples have none of the text fields {', '.join(keys)}; "
                          f"they have: {', '.join(examples.element_spec)}")
+    keys = present
     pack = segment_packer(tokenizer, sequence_length, len(keys))
 
     def encode(batch):

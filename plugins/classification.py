@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import kerasllm
 from kerasllm import metrics
+from kerasllm.errors import KerasLLMError
 from kerasllm.heads import SequenceLevelHead, weighted_mean
 from kerasllm.task_inputs import collect_labels, label_encoder, label_vocabulary
 
@@ -28,13 +29,14 @@ class Classification(SequenceLevelHead):
             ``CrossEntropyLoss(weight=...)``); multi-label, each class's binary
             cross-entropy scaled by its weight.
         threshold: multi-label: the probability above which a class applies.
-        representation: ``pooled`` (the backbone's pooler) or ``first_token``
-            (the first token's final hidden state).
+        representation: ``pooled``, ``first_token`` or ``last_token``; default:
+            the pooler where there is one, else the first token (encoders) or
+            the last (decoders); see :class:`kerasllm.heads.SequenceLevelHead`.
         dropout: on the representation before the classifier.
     """
 
     def __init__(self, backbone, tokenizer, num_classes=None, labels=None, multi_label=False,
-                 class_weights=None, threshold=0.5, representation="pooled", dropout=0.1,
+                 class_weights=None, threshold=0.5, representation=None, dropout=0.1,
                  **kwargs):
         labels, num_classes = label_vocabulary(labels, num_classes, "num_classes", "class")
         if class_weights is not None and (
@@ -50,7 +52,8 @@ class Classification(SequenceLevelHead):
         self.class_weights = class_weights
         self.threshold = threshold
         if multi_label:
-            self.accuracy = keras.metrics.BinaryAccuracy(name=f"{self.name}_accuracy")
+            self.accuracy = keras.metrics.BinaryAccuracy(name=f"{self.name}_accuracy",
+                                                         threshold=threshold)
         else:
             self.accuracy = keras.metrics.SparseCategoricalAccuracy(name=f"{self.name}_accuracy")
 
@@ -127,7 +130,9 @@ class Classification(SequenceLevelHead):
         if self.multi_label:
             truth = np.zeros((len(examples), self.num_classes), int)
             for row, example in zip(truth, examples):
-                row[[self._label_id(label) for label in example["label"]]] = 1
+                labels = example["label"] if isinstance(example["label"], list) \
+                    else [example["label"]]
+                row[[self._label_id(label) for label in labels]] = 1
             predicted = np.zeros_like(truth)
             for row, answer in zip(predicted, answers):
                 row[answer["label_ids"]] = 1
@@ -139,7 +144,13 @@ class Classification(SequenceLevelHead):
                 "matthews_corrcoef": metrics.matthews_corrcoef(truth, predicted)}
 
     def _label_id(self, label):
-        return self.labels.index(label) if isinstance(label, str) else int(label)
+        if not isinstance(label, str):
+            return int(label)
+        if not self.labels or label not in self.labels:
+            raise KerasLLMError(f"label {label!r} is not one of this head's labels "
+                                f"({', '.join(self.labels or [])}); give the head its full "
+                                "`labels` list")
+        return self.labels.index(label)
 
 
 @kerasllm.hookimpl

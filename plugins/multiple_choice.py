@@ -30,12 +30,12 @@ class MultipleChoice(SequenceLevelHead):
     """Args:
         num_choices: the number of choices every example has; ``kerasllm
             finetune`` takes it from the first training example.
-        representation: ``pooled`` (the backbone's pooler) or ``first_token``
-            (the first token's final hidden state) of each (text, choice) pair.
+        representation: ``pooled``, ``first_token`` or ``last_token`` of each
+            (text, choice) pair, as for ``classification``.
         dropout: on the representation before the scoring layer.
     """
 
-    def __init__(self, backbone, tokenizer, num_choices=None, representation="pooled",
+    def __init__(self, backbone, tokenizer, num_choices=None, representation=None,
                  dropout=0.1, **kwargs):
         if num_choices is None:
             raise ValueError("give num_choices, the number of choices each example has")

@@ -21,12 +21,13 @@ class Regression(SequenceLevelHead):
         label_mean, label_scale: the targets are learnt as
             ``(label - label_mean) / label_scale``; ``kerasllm finetune`` sets
             them to the training targets' mean and standard deviation.
-        representation: ``pooled`` (the backbone's pooler) or ``first_token``.
+        representation: ``pooled``, ``first_token`` or ``last_token``, as for
+            ``classification``.
         dropout: on the representation before the output layer.
     """
 
     def __init__(self, backbone, tokenizer, label_mean=0.0, label_scale=1.0,
-                 representation="pooled", dropout=0.1, **kwargs):
+                 representation=None, dropout=0.1, **kwargs):
         if not label_scale > 0:
             raise ValueError(f"label_scale must be > 0, got {label_scale}")
         super().__init__(backbone, tokenizer, 1, representation, dropout, **kwargs)
@@ -37,12 +38,12 @@ class Regression(SequenceLevelHead):
 
     @classmethod
     def infer_options(cls, examples, options):
-        if "label_mean" in options or "label" not in examples.element_spec:
+        if {"label_mean", "label_scale"} <= set(options) or "label" not in examples.element_spec:
             return options
         labels = np.array(list(examples.map(lambda example: example["label"])
                                .as_numpy_iterator()), "float64")
-        return {**options, "label_mean": float(labels.mean()),
-                "label_scale": float(labels.std()) or 1.0}
+        return {"label_mean": float(labels.mean()), "label_scale": float(labels.std()) or 1.0,
+                **options}
 
     def encode(self, examples, tokenizer, sequence_length):
         rows = super().encode(examples, tokenizer, sequence_length)

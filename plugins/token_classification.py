@@ -190,7 +190,7 @@ class TokenClassification(TokenPredictionHead):
         return [self._answer(row, best) for _, (row, best) in sorted(found.items())]
 
     def _answer(self, row, best):
-        if "text" in row:
+        if "word_starts" in row:  # words split from the text, with their offsets
             source = row["text"].decode("utf-8")
             offsets = list(zip(row["word_starts"].tolist(), row["word_ends"].tolist()))
             words = [source[start:end] for start, end in offsets]

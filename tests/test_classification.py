@@ -220,7 +220,32 @@ def test_bad_options_are_refused(tokenizer, options, message):
 
 
 def test_pooled_representation_needs_a_pooler(tokenizer):
-    config = tiny_config(model={"pooler": False}, objectives=[],
-                         head={"name": "classification", "options": {"num_classes": 3}})
-    with pytest.raises(kerasllm.ConfigError, match="needs model.pooler: true"):
+    config = tiny_config(model={"pooler": False}, objectives=[], head={
+        "name": "classification", "options": {"num_classes": 3, "representation": "pooled"}})
+    with pytest.raises(kerasllm.ConfigError, match="needs model.pooler: true; or use "
+                       "representation: first_token"):
         kerasllm.build_model(config, tokenizer)
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ({}, "pooled"), ({"pooler": False}, "first_token"),
+    ({"kind": "decoder", "num_segments": 0}, "last_token")])
+def test_the_default_representation_fits_the_backbone(tokenizer, model, expected):
+    config = tiny_config(model=model, objectives=[],
+                         head={"name": "classification", "options": {"num_classes": 2}})
+    assert kerasllm.build_model(config, tokenizer).heads[0].representation == expected
+
+
+def test_last_token_is_the_last_real_token(tokenizer):
+    """A decoder's classifier reads the last real token of each row, whatever its padding."""
+    config = tiny_config(model={"kind": "decoder", "num_segments": 0}, objectives=[],
+                         head={"name": "classification", "options": {"num_classes": 2}})
+    model = kerasllm.build_model(config, tokenizer)
+    examples = tf.data.Dataset.from_tensor_slices(
+        {"text": ["a short one", "a somewhat longer text than the other"], "label": [0, 1]})
+    x, _ = next(iter(build_dataset(model, examples, 2, 16)))
+    head = model.heads[0]
+    sequence_output = model.backbone(x)["sequence_output"]
+    last = x["padding_mask"].numpy().sum(axis=1) - 1
+    expected = head.output_dense(tf.stack([sequence_output[i, last[i]] for i in range(2)]))
+    np.testing.assert_allclose(model(x)["classification"], expected, rtol=1e-5, atol=1e-6)

@@ -69,8 +69,13 @@ def test_finetune_from_a_pretrained_model_then_evaluate(tmp_path, labelled_file,
 
     model = kerasllm.load_model(tmp_path / "run")
     source = kerasllm.load_model(pretrained)
-    # Fine-tuning changed the weights it started from, and kept the vocabulary.
+    # Fine-tuning started from the pretrained weights and moved them, and kept the
+    # vocabulary.
     assert model.tokenizer.get_vocabulary() == source.tokenizer.get_vocabulary()
+    before = {weight.path: weight.numpy() for weight in source.backbone.weights}
+    moved = [not np.array_equal(weight.numpy(), before[weight.path])
+             for weight in model.backbone.weights]
+    assert sum(moved) > len(moved) / 2
     # The label vocabulary, built from the training data, is saved with the model.
     assert model.config.head.options == {"labels": ["library", "reference"]}
     assert model.predict(paragraphs(pydoc_topics(), 3))[0]["label"] in ("library", "reference")
@@ -97,9 +102,15 @@ def test_finetune_with_lora_saves_the_adapters(tmp_path, labelled_file, pretrain
     stored = {name: adapters[name] for name in adapters.files
               if name.endswith(("/lora_a", "/lora_b"))}
     assert len(stored) == 8
+    base = {weight.path: weight.numpy()
+            for weight in kerasllm.load_model(pretrained).backbone.weights}
     for weight in model.backbone.weights:
         if weight.path in stored:
             np.testing.assert_array_equal(weight.numpy(), stored[weight.path])
+            if weight.path.endswith("lora_b"):  # zero when made: it trained
+                assert np.abs(weight.numpy()).max() > 0, weight.path
+        else:  # the base weights are the pretrained ones, untouched
+            np.testing.assert_array_equal(weight.numpy(), base[weight.path])
 
 
 def test_finetune_resumes_from_its_checkpoints(tmp_path, labelled_file, capsys):
@@ -120,6 +131,29 @@ def test_initialize_from_keeps_the_architecture(tmp_path, labelled_file, pretrai
             "model.num_layers") in capsys.readouterr().err
 
 
+def test_initialize_from_takes_the_architecture_and_checks_the_rest_against_it(
+        tmp_path, labelled_file, tokenizer, capsys):
+    """No model section: the starting model's architecture (here 48 positions, 3
+    blocks, dropout 0) is used, and the config's sequence length and freezing are
+    checked against it, not against the defaults."""
+    start = tmp_path / "start.keras"
+    kerasllm.build_model(tiny_config(model={"max_sequence_length": 48, "num_layers": 3}),
+                         tokenizer).save(start)
+    config = finetune_config(tmp_path, labelled_file, initialize_from=str(start), steps=40,
+                             freeze_layers=3)
+    config["data"]["sequence_length"] = 40
+    del config["model"]
+    assert main(["finetune", str(write(tmp_path, config))]) == 0
+    model = kerasllm.load_model(tmp_path / "run")
+    assert (model.config.model.num_layers, model.config.model.max_sequence_length,
+            model.config.model.dropout) == (3, 48, 0.0)
+    config["data"]["sequence_length"] = 64
+    assert main(["finetune", str(write(tmp_path, config)), "--output",
+                 str(tmp_path / "other")]) == 2
+    assert "data.sequence_length (64) exceeds model.max_sequence_length (48)" in \
+        capsys.readouterr().err
+
+
 def test_initialize_from_must_exist(tmp_path, labelled_file, capsys):
     config = finetune_config(tmp_path, labelled_file,
                              initialize_from=str(tmp_path / "missing"))
@@ -134,3 +168,51 @@ def test_finetune_and_pretrain_refuse_each_others_configs(tmp_path, labelled_fil
     assert main(["pretrain", str(write(tmp_path, finetune_config(tmp_path, labelled_file)))]) == 2
     assert "pretrain needs `objectives`; this config has a task `head`: use `kerasllm " \
            "finetune`" in capsys.readouterr().err
+
+
+def test_heads_reading_examples_differently_cannot_share_a_source(tokenizer):
+    config = tiny_config(objectives=[], heads=[
+        {"name": "classification", "options": {"num_classes": 2}},
+        {"name": "token_classification", "options": {"labels": ["B-X", "I-X", "O"]}}])
+    with pytest.raises(kerasllm.ConfigError, match=r"heads\[0\] and heads\[1\] read their "
+                       "examples differently, so they cannot share a data source"):
+        kerasllm.build_model(config, tokenizer)
+
+
+def test_a_tokenizer_cannot_be_trained_on_examples_without_text(tmp_path, capsys):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"q": "Which?", "c": "This one.", "a": "This",
+                                "s": 0}) + "\n")
+    config = tiny_config(objectives=[], head={"name": "question_answering"}, data={
+        "source": "jsonl", "options": {"paths": str(path), "fields": {
+            "question": "q", "context": "c", "answer_text": "a", "answer_start": "s"}}},
+        training={"output": str(tmp_path / "run")})
+    assert main(["finetune", str(write(tmp_path, config))]) == 2
+    assert ("kerasllm: error: training a tokenizer reads the examples' text, and these have "
+            "none (they have: answer_start, answer_text, context, question); give tokenizer.vocabulary, or "
+            "start from a model with training.initialize_from") in capsys.readouterr().err
+
+
+def test_task_metrics_score_each_head_on_its_own_source(tokenizer):
+    """Two task heads on two sources: each is scored on its own held-out examples
+    (a head given the other's examples would lack its fields)."""
+    import tensorflow as tf
+
+    from kerasllm.jobs import _task_metrics
+
+    config = tiny_config(objectives=[], heads=[
+        {"name": "classification", "options": {"num_classes": 2},
+         "data": {"source": "iterable", "options": {"items": [{"text": "a", "label": 0}]}}},
+        {"name": "multiple_choice", "options": {"num_choices": 2},
+         "data": {"source": "iterable", "options": {"items": [
+             {"text": "a", "choices": ["b", "c"], "label": 1}]}}}])
+    model = kerasllm.build_model(config, tokenizer)
+    classified = tf.data.Dataset.from_tensor_slices(
+        {"text": ["one text", "another"], "label": [0, 1]})
+    chosen = tf.data.Dataset.from_tensor_slices(
+        {"text": ["a question"] * 3, "choices": [["yes", "no"]] * 3, "label": [0, 1, 1]})
+    task_heads = [[model.heads[0]], [model.heads[1]]]
+    metrics = _task_metrics(model, task_heads, [(None, classified), (None, chosen)])
+    assert set(metrics) == {"classification_accuracy", "classification_macro_f1",
+                            "classification_matthews_corrcoef", "multiple_choice_accuracy"}
+    assert metrics["multiple_choice_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
