@@ -216,3 +216,31 @@ def test_task_metrics_score_each_head_on_its_own_source(tokenizer):
     assert set(metrics) == {"classification_accuracy", "classification_macro_f1",
                             "classification_matthews_corrcoef", "multiple_choice_accuracy"}
     assert metrics["multiple_choice_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+def test_finetune_from_a_hugging_face_checkpoint(tmp_path, labelled_file, capsys):
+    """A BERT checkpoint as transformers saves it: its architecture, vocabulary and
+    weights are the fine-tuned model's starting point (frozen here, so still equal)."""
+    import hf_models
+
+    checkpoint = hf_models.save(hf_models.reference_model("bert-base"), tmp_path / "bert")
+    words = "the of and to is in for be it on that with as by this are or not from".split()
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocabulary = hf_models.SPECIAL_TOKENS + words + letters + [f"##{c}" for c in letters]
+    (checkpoint / "vocab.txt").write_text("\n".join(vocabulary) + "\n")
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps(
+        {"do_lower_case": True, "tokenizer_class": "BertTokenizer"}))
+    config = finetune_config(tmp_path, labelled_file, initialize_from=str(checkpoint),
+                             steps=40, freeze_embeddings=True, freeze_layers=3)
+    config["data"]["sequence_length"] = 24
+    del config["model"]
+    assert main(["finetune", str(write(tmp_path, config))]) == 0
+    assert f"Initialized the backbone from {checkpoint}" in capsys.readouterr().out
+    model = kerasllm.load_model(tmp_path / "run")
+    imported = kerasllm.from_hf(checkpoint)
+    assert (model.config.model.num_layers, model.config.model.hidden_dim) == (3, 60)
+    assert model.tokenizer.get_vocabulary() == imported.tokenizer.get_vocabulary()
+    imported_weights = {weight.path: weight.numpy() for weight in imported.backbone.weights}
+    frozen = [weight for weight in model.backbone.weights if "pooler" not in weight.path]
+    for weight in frozen:
+        np.testing.assert_array_equal(weight.numpy(), imported_weights[weight.path])
