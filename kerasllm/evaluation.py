@@ -90,6 +90,13 @@ def _split_rows(batch):
     return rows if isinstance(batch, dict) else [row[None] for row in rows]
 
 
+def softmax(logits):
+    """Probabilities over the last axis of numpy logits, in float64 for decoding."""
+    logits = np.asarray(logits, "float64")
+    exponentials = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
 def as_dataset(inputs):
     """A dataset of example dicts from a dataset, strings or dicts."""
     if isinstance(inputs, tf.data.Dataset):

@@ -8,7 +8,7 @@
   each word's sub-word tokens, for heads that label or point at words (token
   classification, extractive QA). Words are tokenized one by one, as Hugging
   Face's ``is_split_into_words``.
-- ``label_vocabulary``, ``collect_labels`` and ``label_encoder``: label vocabularies,
+- ``label_vocabulary``, ``label_options`` and ``label_encoder``: label vocabularies,
   checked, built from the training data and saved with the model as the head's
   ``labels`` option, and names turned into ids in the pipeline.
 """
@@ -154,6 +154,18 @@ def collect_labels(examples, key="label"):
     if all(isinstance(value, bytes) for value in values):
         return sorted(value.decode("utf-8") for value in values)
     return sorted(int(value) for value in values)
+
+
+def label_options(examples, options, key, count_option):
+    """A labelling head's options completed from its training examples' ``key``:
+    ``labels`` when the values are names, else ``count_option`` (the largest id
+    + 1) unless given; unchanged when ``labels`` is given or the examples lack ``key``."""
+    if "labels" in options or key not in examples.element_spec:
+        return options
+    found = collect_labels(examples, key)
+    if isinstance(found[0], str):
+        return {**options, "labels": found}
+    return {count_option: max(max(found) + 1, 2), **options}
 
 
 def label_encoder(labels, key="label"):

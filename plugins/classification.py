@@ -14,8 +14,9 @@ import tensorflow as tf
 import kerasllm
 from kerasllm import metrics
 from kerasllm.errors import KerasLLMError
+from kerasllm.evaluation import softmax
 from kerasllm.heads import SequenceLevelHead, weighted_mean
-from kerasllm.task_inputs import collect_labels, label_encoder, label_vocabulary
+from kerasllm.task_inputs import label_encoder, label_options, label_vocabulary
 
 
 class Classification(SequenceLevelHead):
@@ -59,14 +60,7 @@ class Classification(SequenceLevelHead):
 
     @classmethod
     def infer_options(cls, examples, options):
-        if "labels" in options or "label" not in examples.element_spec:
-            return options
-        found = collect_labels(examples)
-        if isinstance(found[0], str):
-            return {**options, "labels": found}
-        if "num_classes" not in options:
-            return {**options, "num_classes": max(max(found) + 1, 2)}
-        return options
+        return label_options(examples, options, "label", "num_classes")
 
     def encode(self, examples, tokenizer, sequence_length):
         rows = super().encode(examples, tokenizer, sequence_length)
@@ -118,8 +112,7 @@ class Classification(SequenceLevelHead):
                 answers.append({"labels": [names[i] for i in chosen], "label_ids": chosen,
                                 "probabilities": probabilities.tolist()})
             else:
-                probabilities = np.exp(logits - logits.max())
-                probabilities /= probabilities.sum()
+                probabilities = softmax(logits)
                 best = int(probabilities.argmax())
                 answers.append({"label": names[best], "label_id": best,
                                 "score": float(probabilities[best]),

@@ -14,12 +14,12 @@ probability, "probabilities": one per choice}``; the task metric is accuracy.
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 import kerasllm
 from kerasllm import metrics
 from kerasllm.data import TOKENIZE_BATCH
+from kerasllm.evaluation import softmax
 from kerasllm.heads import SequenceLevelHead
 from kerasllm.task_inputs import require_fields, segment_packer
 
@@ -132,9 +132,7 @@ class MultipleChoice(SequenceLevelHead):
     def decode(self, predictions, rows):
         answers = []
         for scores, row in zip(predictions, rows):
-            scores = scores.astype("float64")
-            probabilities = np.exp(scores - scores.max())
-            probabilities /= probabilities.sum()
+            probabilities = softmax(scores)
             best = int(probabilities.argmax())
             answers.append({"label": best, "choice": row["choices"][best].decode("utf-8"),
                             "score": float(probabilities[best]),

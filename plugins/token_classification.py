@@ -25,10 +25,11 @@ import tensorflow as tf
 import kerasllm
 from kerasllm import metrics
 from kerasllm.data import TOKENIZE_BATCH, start_end_packer
+from kerasllm.evaluation import softmax
 from kerasllm.heads import TokenPredictionHead
 from kerasllm.task_inputs import (
-    collect_labels,
     label_encoder,
+    label_options,
     label_vocabulary,
     split_words,
     word_pieces,
@@ -80,14 +81,7 @@ class TokenClassification(TokenPredictionHead):
 
     @classmethod
     def infer_options(cls, examples, options):
-        if "labels" in options or "tags" not in examples.element_spec:
-            return options
-        found = collect_labels(examples, "tags")
-        if isinstance(found[0], str):
-            return {**options, "labels": found}
-        if "num_labels" not in options:
-            return {**options, "num_labels": max(max(found) + 1, 2)}
-        return options
+        return label_options(examples, options, "tags", "num_labels")
 
     def build(self, sequence_output_shape):
         self.output_dense.build(sequence_output_shape)
@@ -176,9 +170,7 @@ class TokenClassification(TokenPredictionHead):
         # Per example and word: (context, tag id, probability) of the best window.
         found = {}
         for logits, row in zip(predictions, rows):
-            logits = logits.astype("float64")
-            probabilities = np.exp(logits - logits.max(axis=-1, keepdims=True))
-            probabilities /= probabilities.sum(axis=-1, keepdims=True)
+            probabilities = softmax(logits)
             length = int(row["padding_mask"].sum())
             best = found.setdefault(int(row["example"]), (row, {}))[1]
             for position in np.flatnonzero(row["word_ids"] >= 0):
