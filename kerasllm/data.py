@@ -91,8 +91,7 @@ def build_dataset(model, examples, batch_size, sequence_length, *, shuffle_buffe
         rows = _pretraining_rows(model, examples, heads, sequence_length, packing)
     else:
         # Task heads sharing a data source share the first one's rows.
-        numbered = examples.enumerate().map(lambda i, example: {**example, "example": i})
-        rows = heads[0].encode(numbered, model.tokenizer, sequence_length)
+        rows = task_rows(model, heads[0], examples, sequence_length)
     if shuffle_buffer:
         rows = rows.shuffle(shuffle_buffer, seed=seed)
     # Fields a head keeps for decoding (word offsets, ...) vary in length: ragged.
@@ -104,6 +103,13 @@ def build_dataset(model, examples, batch_size, sequence_length, *, shuffle_buffe
             batch, tf.stack([tf.cast(seed, tf.int64), index]), heads),
         num_parallel_calls=tf.data.AUTOTUNE)
     return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def task_rows(model, head, examples, sequence_length):
+    """A task head's rows (``Head.encode``) of raw examples, each numbered first
+    by an int64 ``example``, so that its rows say which example they came from."""
+    numbered = examples.enumerate().map(lambda index, example: {**example, "example": index})
+    return head.encode(numbered, model.tokenizer, sequence_length)
 
 
 def _tokenized(model, examples):

@@ -9,6 +9,7 @@ raw examples (strings, dicts or a ``tf.data.Dataset``) → each task head's
 import numpy as np
 import tensorflow as tf
 
+from kerasllm.data import task_rows
 from kerasllm.errors import KerasLLMError
 
 def predict(model, inputs, batch_size=32):
@@ -54,8 +55,7 @@ def task_heads(model):
 def run_rows(model, head, examples, batch_size=32):
     """``head``'s predictions on the rows its ``encode`` makes of ``examples``:
     ``(predictions, rows)``, two lists with an entry per row (numpy values)."""
-    numbered = examples.enumerate().map(lambda index, example: {**example, "example": index})
-    rows = head.encode(numbered, model.tokenizer, model.config.data.sequence_length)
+    rows = task_rows(model, head, examples, model.config.data.sequence_length)
     keys = model.input_keys_of([head])
     forward = _forward(model, head)
     predictions, values = [], []
