@@ -3,7 +3,8 @@
 The flow, top to bottom: ``config`` (validated dataclasses) → ``plugins``
 (the registry filled through the ``kerasllm`` entry-point group) →
 ``builder`` (backbone + heads → a compiled ``keras.Model``) → ``training``
-(``model.fit`` with checkpoints) → ``.keras`` saving.
+(``model.fit`` with checkpoints) → ``.keras`` saving → ``export`` (a SavedModel
+for TF Serving).
 """
 
 import importlib
@@ -27,6 +28,7 @@ _LAZY = {
     "build_model": "kerasllm.builder",
     "load_model": "kerasllm.builder",
     "DataSource": "kerasllm.data",
+    "export_savedmodel": "kerasllm.export",
     "from_hf": "kerasllm.hf",
     "from_keras_hub": "kerasllm.keras_hub_interop",
     "load_hf_tokenizer": "kerasllm.hf_tokenizer",

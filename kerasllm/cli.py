@@ -74,6 +74,29 @@ def _parser():
     convert.add_argument("--out", required=True, metavar="DIR", help="output folder")
     convert.set_defaults(run=_convert)
 
+    export = commands.add_parser(
+        "export", help="export a model as a SavedModel for TF Serving",
+        description="Export a trained model as ROOT/NAME/VERSION (VERSION the next integer), "
+                    "the layout TF Serving watches, with text-in signatures (tokenization in "
+                    "the graph), warm-up requests, and NAME listed in ROOT/models.config. "
+                    "The model is checked first: only TensorFlow and tensorflow-text ops, "
+                    "and the same answers when reloaded in a fresh process.",
+    )
+    export.add_argument("model", metavar="MODEL",
+                        help="the model: a .keras file or a folder holding model.keras")
+    export.add_argument("--name", required=True, help="the model's name in TF Serving")
+    export.add_argument("--root", default="savedmodels",
+                        help="the folder TF Serving serves (default: savedmodels)")
+    export.add_argument("--base-path", metavar="DIR",
+                        help="where the model server sees ROOT, e.g. /models in Docker "
+                             "(default: ROOT's absolute path)")
+    export.add_argument("--xla", choices=("generate", "all", "none"), default="generate",
+                        help="signatures compiled with XLA: generate (default), all, none; "
+                             "on CPU TF Serving needs --xla_cpu_compilation_enabled=true")
+    export.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip reloading the export in a fresh process to check it")
+    export.set_defaults(run=_export)
+
     plugins = commands.add_parser("plugins", help="inspect installed plugins",
                                   description="Inspect installed plugins.")
     plugin_commands = plugins.add_subparsers(title="commands", metavar="COMMAND")
@@ -171,6 +194,19 @@ def _convert(args):
     print(f"{config.family} {config.kind}: {config.num_layers} layers, hidden "
           f"{config.hidden_dim}, {model.count_params():,} parameters; heads: {heads}")
     print(f"saved {output / 'model.keras'}")
+
+
+def _export(args):
+    from kerasllm.builder import load_model
+    from kerasllm.export import export_savedmodel, signature_summary
+
+    model = load_model(args.model)
+    path = export_savedmodel(model, args.name, root=args.root, base_path=args.base_path,
+                             xla=args.xla, verify=args.verify)
+    print(f"exported {path}")
+    print(signature_summary(path))
+    print(f"serve with: tensorflow_model_server --rest_api_port=8501 "
+          f"--model_config_file={path.parent.parent.resolve() / 'models.config'}")
 
 
 def _plugins_list(args):

@@ -68,6 +68,34 @@ class Head(keras.layers.Layer):
       from the training examples before the head is built, e.g. the label
       vocabulary; the completed options are saved with the model.
 
+    Serving: what the head computes in an exported SavedModel
+    (:func:`kerasllm.export_savedmodel`), in the TensorFlow graph, with no Python
+    of kerasllm's at serving time. Every tensor is batch-first; strings arrive
+    as valid UTF-8 (invalid bytes already replaced by U+FFFD). A head that
+    overrides none of these serves nothing of its own (the exporter still
+    serves the backbone's embedding, or generation).
+
+    - ``serving_inputs()``: the string inputs of the ``serving_default``
+      signature this head reads, a dict ``name → tf.TensorSpec`` (e.g.
+      ``{"text": tf.TensorSpec([None], tf.string)}``); None (the default): the
+      head does not serve.
+    - ``serving_rows(inputs, tokenizer, sequence_length)``: those inputs → a dict
+      of row tensors: the model inputs (``token_ids``, ``padding_mask``,
+      ``segment_ids``, the head's ``input_keys``) and whatever
+      ``serving_outputs`` needs (character offsets, …). Rows may outnumber the
+      inputs (question answering's windows); they then carry ``example``, each
+      row's input index. Texts too long for a row are cut as ``encode`` cuts
+      them. Default: ``text`` (and ``text_pair`` when ``serving_inputs`` has it)
+      packed as ``encode`` packs them.
+    - ``serving_token_rows(rows)``: the rows of the ``serve_token_ids``
+      signature (``token_ids``, ``padding_mask``, ``segment_ids``, given by the
+      client) completed with the head's own model inputs (the masked LM finds
+      its ``[MASK]`` positions). Default: unchanged.
+    - ``serving_outputs(predictions, rows, inputs)``: this head's predictions
+      on the rows → a dict of named output tensors, one entry per input
+      (probabilities, label names, character offsets, answer text). ``inputs``
+      is None under ``serve_token_ids``: return the outputs that need no text.
+
     Class attributes:
         input_keys: model inputs this head adds in ``prepare`` (beyond the
             backbone's), e.g. ``("mask_positions",)``.
@@ -134,6 +162,22 @@ class Head(keras.layers.Layer):
     def infer_options(cls, examples, options):
         return options
 
+    # === Serving: in the exported graph (kerasllm.export) ===
+
+    def serving_inputs(self):
+        return None
+
+    def serving_rows(self, inputs, tokenizer, sequence_length):
+        from kerasllm.task_inputs import pack_texts
+
+        return pack_texts(inputs, tokenizer, sequence_length)
+
+    def serving_token_rows(self, rows):
+        return rows
+
+    def serving_outputs(self, predictions, rows, inputs):
+        return {}
+
 
 class TokenPredictionHead(Head):
     """A head predicting token ids over the vocabulary (masked or causal LM).
@@ -182,13 +226,17 @@ class SequenceLevelHead(Head):
             classifiers use). Default: ``pooled`` with a pooler, else
             ``last_token`` for decoders and ``first_token`` for encoders.
         dropout: on the representation, while training.
+        pairs: the head reads sentence pairs, ``text`` and ``text_pair``: an
+            exported model's ``serving_default`` takes both. ``infer_options``
+            sets it when the training examples have ``text_pair``.
     """
 
     REPRESENTATIONS = ("pooled", "first_token", "last_token")
 
     def __init__(self, backbone, tokenizer, units, representation=None, dropout=0.1,
-                 **kwargs):
+                 pairs=False, **kwargs):
         super().__init__(backbone, tokenizer, **kwargs)
+        self.pairs = bool(pairs)
         if representation is None:
             representation = "pooled" if backbone.pooler else (
                 "last_token" if backbone.causal else "first_token")
@@ -204,8 +252,18 @@ class SequenceLevelHead(Head):
             units, kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
             name="classifier")
 
+    @classmethod
+    def infer_options(cls, examples, options):
+        if "text_pair" in examples.element_spec:
+            options = {"pairs": True, **options}
+        return options
+
     def build(self, sequence_output_shape):
         self.output_dense.build((None, sequence_output_shape[-1]))
+
+    def serving_inputs(self):
+        text = tf.TensorSpec([None], tf.string)
+        return {"text": text, "text_pair": text} if self.pairs else {"text": text}
 
     def call(self, backbone_outputs, inputs, training=False):
         sequence_output = backbone_outputs["sequence_output"]

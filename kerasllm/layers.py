@@ -17,7 +17,9 @@ Attention and blocks take an optional key/value ``cache`` for incremental
 decoding: the same code serves training, evaluation and generation.
 """
 
+import contextlib
 import math
+import threading
 
 import keras
 import tensorflow as tf
@@ -81,6 +83,42 @@ def attention_core(query, key, value, allowed, bias, seed, scale, dropout_rate):
                          [batch, kv_heads, groups, query_length, key_length])
     context = tf.einsum("bngqk,bknd->bqngd", weights, value)
     return tf.reshape(context, [batch, query_length, heads, head_dim])
+
+
+_without_xla = threading.local()
+
+
+@contextlib.contextmanager
+def without_xla():
+    """Trace for a graph that no XLA compiles: the attention core as plain
+    TensorFlow ops, and cache writes with a core op.
+
+    For exported graphs: TF Serving's stock model server runs no XLA-compiled
+    function on CPU unless started with ``--xla_cpu_compilation_enabled``."""
+    previous = _outside_xla()
+    _without_xla.active = True
+    try:
+        yield
+    finally:
+        _without_xla.active = previous
+
+
+def _outside_xla():
+    return getattr(_without_xla, "active", False)
+
+
+def _write_at(cache, values, index):
+    """``cache`` with ``values`` written from position ``index`` of axis 1.
+
+    Compiled, XLA's in-place dynamic-update-slice; traced ``without_xla``, a core
+    op (``XlaDynamicUpdateSlice`` has no kernel outside XLA, and XLA cannot
+    compile a strided update at a position only known at run time)."""
+    if not _outside_xla():
+        return keras.ops.slice_update(cache, [0, index, 0, 0], values)
+    begin = tf.stack([0, tf.cast(index, tf.int32), 0, 0])
+    return tf.raw_ops.TensorStridedSliceUpdate(
+        input=cache, begin=begin, end=begin + tf.shape(values), strides=tf.ones([4], tf.int32),
+        value=values)
 
 
 def apply_rotary(x, positions, theta):
@@ -201,9 +239,8 @@ class Attention(keras.layers.Layer):
                 query = apply_rotary(query, query_positions, self.rotary_theta)
                 key = apply_rotary(key, query_positions, self.rotary_theta)
             if cache is not None:
-                start = [0, cache_index, 0, 0]
-                key = keras.ops.slice_update(cache[0], start, key)
-                value = keras.ops.slice_update(cache[1], start, value)
+                key = _write_at(cache[0], key, cache_index)
+                value = _write_at(cache[1], value, cache_index)
                 cache = (key, value)
         key_mask = tf.cast(padding_mask, tf.int32)[:, None, :]
         key_documents = tf.abs(key_mask)
@@ -230,7 +267,8 @@ class Attention(keras.layers.Layer):
         else:
             seed = tf.zeros((2,), tf.int32)
         scale = 1 / math.sqrt(self._head_dim) if self.scale_scores else 1.0
-        context = attention_core(query, key, value, allowed, bias, seed, scale, rate)
+        core = attention_core.python_function if _outside_xla() else attention_core
+        context = core(query, key, value, allowed, bias, seed, scale, rate)
         output = self.output_projection(context)
         return output if cache is None else (output, cache)
 

@@ -47,6 +47,14 @@ def encode_segments(examples, tokenizer, sequence_length, keys=("text", "text_pa
         encode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
 
 
+def pack_texts(batch, tokenizer, sequence_length, keys=("text", "text_pair")):
+    """A batch of strings (``text`` and, if present, ``text_pair``) → packed rows,
+    as :func:`encode_segments` packs them; in graph, for exported models."""
+    keys = [key for key in keys if key in batch]
+    pack = segment_packer(tokenizer, sequence_length, len(keys))
+    return pack([tokenizer(batch[key]) for key in keys])
+
+
 def require_fields(examples, keys, what):
     """ValueError unless the examples have every field of ``keys``; ``what`` names
     whose examples they are (``question_answering``)."""

@@ -400,7 +400,7 @@ class BytePairTokenizer(_KerasLLMTokenizer, keras_hub.tokenizers.BytePairTokeniz
                 self._bpe_merge_and_update_cache_tf(tf.boolean_mask(unseen, short == (group == 0)))
                 return group + 1
 
-            with tf.control_dependencies([tf.while_loop(lambda group: group < 2, merge, [0])]):
+            with tf.control_dependencies([tf.while_loop(lambda group: group < 2, merge, [0])[0]]):
                 return self.cache.lookup(flat)
 
         merged = tf.cond(tf.reduce_any(cached == ""), merge_unseen, lambda: cached)

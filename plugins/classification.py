@@ -34,11 +34,13 @@ class Classification(SequenceLevelHead):
             the pooler where there is one, else the first token (encoders) or
             the last (decoders); see :class:`kerasllm.heads.SequenceLevelHead`.
         dropout: on the representation before the classifier.
+        pairs: the examples are sentence pairs (``text_pair``); set from the
+            training examples by ``kerasllm finetune``.
     """
 
     def __init__(self, backbone, tokenizer, num_classes=None, labels=None, multi_label=False,
                  class_weights=None, threshold=0.5, representation=None, dropout=0.1,
-                 **kwargs):
+                 pairs=False, **kwargs):
         labels, num_classes = label_vocabulary(labels, num_classes, "num_classes", "class")
         if class_weights is not None and (
                 len(class_weights) != num_classes or min(class_weights) < 0):
@@ -46,7 +48,8 @@ class Classification(SequenceLevelHead):
                              f"class, got {class_weights!r}")
         if not 0 < threshold < 1:
             raise ValueError(f"threshold must be between 0 and 1, got {threshold}")
-        super().__init__(backbone, tokenizer, num_classes, representation, dropout, **kwargs)
+        super().__init__(backbone, tokenizer, num_classes, representation, dropout, pairs,
+                         **kwargs)
         self.num_classes = num_classes
         self.labels = labels
         self.multi_label = multi_label
@@ -60,6 +63,7 @@ class Classification(SequenceLevelHead):
 
     @classmethod
     def infer_options(cls, examples, options):
+        options = super().infer_options(examples, options)
         return label_options(examples, options, "label", "num_classes")
 
     def encode(self, examples, tokenizer, sequence_length):
@@ -118,6 +122,26 @@ class Classification(SequenceLevelHead):
                                 "score": float(probabilities[best]),
                                 "probabilities": probabilities.tolist()})
         return answers
+
+    def serving_outputs(self, predictions, rows, inputs):
+        """``probabilities`` ``(batch, classes)`` float32 and, single-label,
+        ``label_ids`` ``(batch,)`` int32, ``label_names`` ``(batch,)`` string
+        (the id as text without label names) and ``score`` (the chosen class's
+        probability); multi-label, ``applies`` ``(batch, classes)`` bool and
+        ``label_names`` ``(batch, classes)``, the name where the class applies, else
+        empty."""
+        logits = tf.cast(predictions, tf.float32)
+        names = tf.constant(self.labels or [str(i) for i in range(self.num_classes)])
+        if self.multi_label:
+            probabilities = tf.sigmoid(logits)
+            applies = probabilities > self.threshold
+            return {"probabilities": probabilities, "applies": applies,
+                    "label_names": tf.where(applies, names[None, :], "")}
+        probabilities = tf.nn.softmax(logits)
+        label_ids = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        return {"probabilities": probabilities, "label_ids": label_ids,
+                "label_names": tf.gather(names, label_ids),
+                "score": tf.reduce_max(probabilities, axis=-1)}
 
     def score(self, answers, examples):
         if self.multi_label:

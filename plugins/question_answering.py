@@ -25,6 +25,7 @@ from kerasllm.data import TOKENIZE_BATCH
 from kerasllm.errors import ConfigError
 from kerasllm.heads import Head
 from kerasllm.task_inputs import require_fields, segment_packer, split_words, word_pieces
+from kerasllm.tokenizers import special_tokens
 
 # [CLS] question [SEP] context [SEP]
 SPECIAL_TOKENS_PER_ROW = 3
@@ -47,6 +48,23 @@ class QuestionAnswering(Head):
     score None for a context without words). Answers snap to whole words (see
     the module's docstring): an ``answer_text`` that cuts a word trains on, and
     predicts, all of it. Rows carry the model input ``context_mask`` (1 on context tokens).
+
+    Served (:func:`kerasllm.export_savedmodel`), ``serving_default`` takes
+    ``question`` and ``context``, ``(batch,)`` strings, windows them as
+    ``encode`` does, and answers each input from the best span over all its
+    windows, as ``predict``:
+
+    - ``answer`` ``(batch,)`` string: ``context[start:end]``.
+    - ``start``, ``end`` ``(batch,)`` int32: its character offsets in the
+      context (Python ``str`` indices, ``end`` exclusive).
+    - ``score`` ``(batch,)`` float32: the span's start plus end logit.
+
+    A context without words gives ``""``, 0, 0 and score ``-inf`` (``predict``'s
+    None). ``serve_token_ids`` takes rows packed as ``encode`` packs them
+    (``[CLS] question [SEP] context [SEP]``; the context is taken to be the
+    tokens between the first separator and the last token) and gives, per
+    row, ``start_token`` and ``end_token`` ``(batch,)`` int32, the best span's
+    first and last token positions (0 without context), and ``score``.
 
     Args:
         stride: tokens of context two consecutive windows share (Hugging Face's
@@ -71,6 +89,7 @@ class QuestionAnswering(Head):
         self.stride = stride
         self.max_question_length = max_question_length
         self.max_answer_length = max_answer_length
+        self.end_token_id = special_tokens(tokenizer).end
         self.span_dense = keras.layers.Dense(
             2, kernel_initializer=keras.initializers.TruncatedNormal(stddev=0.02),
             name="span_logits")
@@ -89,6 +108,13 @@ class QuestionAnswering(Head):
             other = {"answer_text": "answer_start", "answer_start": "answer_text"}[labelled[0]]
             raise ValueError(f"question_answering examples have {labelled[0]} but no {other}; "
                              "training needs both")
+        window_rows = self._window_rows(tokenizer, sequence_length, bool(labelled))
+        return examples.ragged_batch(TOKENIZE_BATCH).map(
+            window_rows, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+    def _window_rows(self, tokenizer, sequence_length, labelled):
+        """A function: a batch of examples → the rows of all their windows; for
+        ``encode``'s pipeline and the exported graph alike."""
         room = sequence_length - SPECIAL_TOKENS_PER_ROW - self.max_question_length
         if room <= self.stride:
             raise ConfigError(
@@ -97,12 +123,6 @@ class QuestionAnswering(Head):
                 f"({self.max_question_length}) and {SPECIAL_TOKENS_PER_ROW} special tokens; "
                 f"the stride ({self.stride}) must be smaller: lower stride or "
                 f"max_question_length, or raise data.sequence_length")
-        window_rows = self._window_rows(tokenizer, sequence_length, bool(labelled))
-        return examples.ragged_batch(TOKENIZE_BATCH).map(
-            window_rows, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-
-    def _window_rows(self, tokenizer, sequence_length, labelled):
-        """A function: a batch of examples → the rows of all their windows."""
         pack = segment_packer(tokenizer, sequence_length, 2)
         stride, max_question_length = self.stride, self.max_question_length
 
@@ -228,6 +248,66 @@ class QuestionAnswering(Head):
                 raise ValueError(f"question_answering: example {index} has neither answers "
                                  "nor answer_text to score against")
         return metrics.squad_scores([answer["text"] for answer in answers], gold)
+
+    # === Serving (kerasllm.export) ===
+
+    def serving_inputs(self):
+        text = tf.TensorSpec([None], tf.string)
+        return {"question": text, "context": text}
+
+    def serving_rows(self, inputs, tokenizer, sequence_length):
+        """The windows ``encode`` makes; each row's ``example`` is its input's index."""
+        batch = {**inputs, "example": tf.range(tf.size(inputs["context"], out_type=tf.int64))}
+        return self._window_rows(tokenizer, sequence_length, labelled=False)(batch)
+
+    def serving_token_rows(self, rows):
+        """``context_mask`` of rows packed as ``encode`` packs them, ``[CLS] question
+        [SEP] context [SEP]``: the tokens after the first separator (the end token
+        after the first position) and before the last real token."""
+        positions = tf.range(tf.shape(rows["token_ids"])[1])[None, :]
+        separator = tf.argmax((rows["token_ids"] == self.end_token_id) & (positions > 0),
+                              axis=1, output_type=tf.int32)
+        last = tf.reduce_sum(tf.cast(rows["padding_mask"] > 0, tf.int32), axis=1) - 1
+        context = (positions > separator[:, None]) & (positions < last[:, None])
+        return {**rows, "context_mask": tf.cast(context, tf.int32)}
+
+    def serving_outputs(self, predictions, rows, inputs):
+        first, last, scores = self._serving_spans(predictions, rows["context_mask"])
+        if inputs is None:
+            return {"start_token": first, "end_token": last, "score": scores}
+        # Each input's best window; the first of equals, as decode.
+        contexts = inputs["context"]
+        windows = tf.RaggedTensor.from_value_rowids(scores, rows["example"],
+                                                    nrows=tf.size(contexts, out_type=tf.int64))
+        row = windows.row_starts() + tf.argmax(windows.to_tensor(-np.inf), axis=1)
+        score = tf.gather(scores, row)
+        found = score > -np.inf
+        start = tf.where(found, tf.gather(
+            tf.gather(rows["token_starts"], first, batch_dims=1), row), 0)
+        end = tf.where(found, tf.gather(tf.gather(rows["token_ends"], last, batch_dims=1), row), 0)
+        return {"answer": tf.strings.substr(contexts, start, end - start, unit="UTF8_CHAR"),
+                "start": start, "end": end, "score": score}
+
+    def _serving_spans(self, logits, context_mask):
+        """Each row's best span, as ``_best_span`` chooses it: its first and last
+        token positions (int32, 0 for a row without context) and its score
+        (float32, -inf without context)."""
+        logits = tf.cast(logits, tf.float32)
+        length = tf.shape(logits)[1]
+        # (start, span length - 1) → the end position; past the row is no span.
+        ends = tf.range(length)[:, None] + tf.range(self.max_answer_length)[None, :]
+        inside = ends < length
+        ends = tf.minimum(ends, length - 1)
+        in_context = context_mask > 0
+        valid = in_context[:, :, None] & tf.gather(in_context, ends, axis=1) & inside[None]
+        scores = logits[:, :, 0, None] + tf.gather(logits[:, :, 1], ends, axis=1)
+        scores = tf.reshape(tf.where(valid, scores, -np.inf), [tf.shape(logits)[0], -1])
+        best = tf.argmax(scores, axis=1, output_type=tf.int32)
+        score = tf.reduce_max(scores, axis=1)
+        found = score > -np.inf
+        first = best // self.max_answer_length
+        last = first + best % self.max_answer_length
+        return tf.where(found, first, 0), tf.where(found, last, 0), score
 
 
 def context_tokens(tokenizer, contexts):

@@ -50,6 +50,27 @@ class TokenClassification(TokenPredictionHead):
     ``text``. Offsets index ``text`` when the example gives it, else
     ``" ".join(words)``, so ``source[start:end]`` is always the entity's text.
 
+    Served (:func:`kerasllm.export_savedmodel`), ``serving_default`` takes
+    ``text``, ``(batch,)`` string, split and windowed as ``encode`` does (so a
+    text of any length is tagged whole), and gives ``predict``'s answers as
+    dense tensors, padded to the most words (entities) of any text of the request:
+
+    - ``words`` ``(batch, words)`` string; ``""`` at padding.
+    - ``tags`` ``(batch, words)`` string and ``tag_ids`` int32: each word's tag;
+      ``""`` and -1 at padding and for a word without tokens (``predict``'s None).
+    - ``scores`` ``(batch, words)`` float32: the tag's probability; 0 there.
+    - ``word_starts``, ``word_ends`` ``(batch, words)`` int32: character offsets
+      into ``text`` (Python ``str`` indices, end exclusive); -1 at padding.
+    - ``num_words`` ``(batch,)`` int32.
+    - With BIO tags, the entities: ``entity_types`` and ``entity_texts``
+      ``(batch, entities)`` string, ``entity_starts`` and ``entity_ends`` int32
+      (character offsets, -1 at padding), ``num_entities`` ``(batch,)`` int32.
+
+    ``serve_token_ids`` (token ids in, no text, so no words) gives a tag for
+    every token: ``token_tags`` ``(batch, sequence)`` string, ``token_tag_ids``
+    int32 and ``token_scores`` float32 (``""``, -1 and 0 at padding); a word's
+    tag is its first token's.
+
     Args:
         labels: the tag names in id order; examples may then give names.
             ``kerasllm finetune`` builds it from the training ``tags``.
@@ -101,6 +122,15 @@ class TokenClassification(TokenPredictionHead):
         if "words" not in fields and "text" not in fields:
             raise ValueError("token classification examples need `words` (a list of "
                              f"strings) or `text`; they have: {', '.join(fields)}")
+        to_ids = label_encoder(self.labels, "tags") if "tags" in fields else None
+        window_rows = self._window_rows(tokenizer, sequence_length, to_ids)
+        return examples.ragged_batch(TOKENIZE_BATCH).map(
+            window_rows, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+    def _window_rows(self, tokenizer, sequence_length, to_ids=None):
+        """A function: a batch of examples (``words`` or ``text``, ``example``, and
+        ``tags`` for ``to_ids`` to encode) → the rows of all their windows; for
+        ``encode``'s pipeline and the exported graph alike."""
         tokens = special_tokens(tokenizer)
         first_token = int(tokens.add_start)
         capacity = sequence_length - first_token - int(tokens.add_end)
@@ -108,10 +138,9 @@ class TokenClassification(TokenPredictionHead):
         if stride >= capacity:
             raise ValueError(f"stride ({stride}) must be smaller than the {capacity} word "
                              f"tokens a row of {sequence_length} holds")
-        to_ids = label_encoder(self.labels, "tags") if "tags" in fields else None
         packer = start_end_packer(tokenizer, sequence_length)
 
-        def encode_batch(batch):
+        def window_rows(batch):
             batch = dict(batch)
             if "words" in batch:
                 words = _ragged(batch["words"])
@@ -156,8 +185,7 @@ class TokenClassification(TokenPredictionHead):
                 rows["labels"] = tf.gather(tf.concat([[0], tag_ids], axis=0), flat_word_ids + 1)
             return rows
 
-        return examples.ragged_batch(TOKENIZE_BATCH).map(
-            encode_batch, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+        return window_rows
 
     def prepare(self, features, seed):
         features = dict(features)
@@ -221,10 +249,112 @@ class TokenClassification(TokenPredictionHead):
     def _tag_name(self, tag):
         return self.labels[tag] if self.labels and isinstance(tag, int) else tag
 
+    # === Serving (kerasllm.export) ===
+
+    def serving_inputs(self):
+        return {"text": tf.TensorSpec([None], tf.string)}
+
+    def serving_rows(self, inputs, tokenizer, sequence_length):
+        """The windows ``encode`` makes of ``text``; each row's ``example`` is its text's index."""
+        texts = inputs["text"]
+        return self._window_rows(tokenizer, sequence_length)(
+            {"text": texts, "example": tf.range(tf.size(texts, out_type=tf.int64))})
+
+    def serving_outputs(self, predictions, rows, inputs):
+        logits = tf.cast(predictions, tf.float32)
+        tag_ids = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        scores = tf.reduce_max(tf.nn.softmax(logits), axis=-1)
+        names = tf.constant(self.labels or [str(i) for i in range(self.num_labels)])
+        if inputs is None:
+            real = rows["padding_mask"] > 0
+            tag_ids = tf.where(real, tag_ids, -1)
+            return {"token_tag_ids": tag_ids, "token_tags": _tag_names(names, tag_ids),
+                    "token_scores": tf.where(real, scores, 0.0)}
+        texts = inputs["text"]
+        tag_ids, scores, starts, ends = _word_predictions(
+            rows, tag_ids, scores, tf.size(texts, out_type=tf.int64))
+        tag_ids, starts, ends = tag_ids.to_tensor(-1), starts.to_tensor(-1), ends.to_tensor(-1)
+        outputs = {"words": _substrings(texts, starts, ends, starts >= 0),
+                   "tags": _tag_names(names, tag_ids), "tag_ids": tag_ids,
+                   "scores": scores.to_tensor(0.0), "word_starts": starts, "word_ends": ends,
+                   "num_words": tf.reduce_sum(tf.cast(starts >= 0, tf.int32), axis=1)}
+        if self.has_entities:
+            outputs.update(self._serving_entities(tag_ids, starts, ends, texts))
+        return outputs
+
+    def _serving_entities(self, tag_ids, starts, ends, texts):
+        """The entities of ``(batch, words)`` tag ids (-1: none, read as ``O``), as
+        :func:`kerasllm.metrics.entity_spans` reads BIO tags: an entity begins
+        at each tagged word that does not continue the previous word's entity
+        (``I-TYPE`` after a tag of the same type) and ends before the next word
+        that does not continue it."""
+        types = sorted({label[2:] for label in self.labels if label != "O"})
+        # Index 0 stands for tag id -1.
+        type_of = tf.constant([-1] + [types.index(label[2:]) if label != "O" else -1
+                                      for label in self.labels])
+        inside = tf.constant([False] + [label.startswith("I-") for label in self.labels])
+        kind = tf.gather(type_of, tag_ids + 1)
+        previous = tf.pad(kind[:, :-1], [[0, 0], [1, 0]], constant_values=-1)
+        continues = tf.gather(inside, tag_ids + 1) & (kind == previous)
+        begins = (kind >= 0) & ~continues
+        last = (kind >= 0) & ~tf.pad(continues[:, 1:], [[0, 0], [0, 1]])
+        entity_starts = tf.ragged.boolean_mask(starts, begins).to_tensor(-1)
+        entity_ends = tf.ragged.boolean_mask(ends, last).to_tensor(-1)
+        found = entity_starts >= 0
+        kinds = tf.ragged.boolean_mask(tf.gather(tf.constant(types), tf.maximum(kind, 0)), begins)
+        return {"entity_types": kinds.to_tensor(""), "entity_starts": entity_starts,
+                "entity_ends": entity_ends,
+                "entity_texts": _substrings(texts, entity_starts, entity_ends, found),
+                "num_entities": tf.reduce_sum(tf.cast(found, tf.int32), axis=1)}
+
 
 def _ragged(values):
     """Ragged ``(batch, words)`` values; examples of equal length batch densely."""
     return values if isinstance(values, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(values)
+
+
+def _tag_names(names, tag_ids):
+    """The names of tag ids (any shape); "" for -1."""
+    return tf.where(tag_ids >= 0, tf.gather(names, tf.maximum(tag_ids, 0)), "")
+
+
+def _substrings(texts, starts, ends, found):
+    """``texts[i][starts[i, j]:ends[i, j]]`` (character offsets) where ``found``, else ""."""
+    starts, ends = tf.maximum(starts, 0), tf.maximum(ends, 0)
+    texts = tf.broadcast_to(texts[:, None], tf.shape(starts))
+    return tf.where(found, tf.strings.substr(texts, starts, ends - starts, unit="UTF8_CHAR"), "")
+
+
+def _word_predictions(rows, tag_ids, scores, num_inputs):
+    """Each word's tag id and score from the rows' token predictions ``(rows,
+    sequence)``, taken from the window where the word has the most context on
+    both sides (the first such window on a tie), as ``decode`` chooses.
+    Returns ragged ``(inputs, words)`` tag ids (-1 for a word without tokens),
+    scores, and the words' character starts and ends."""
+    example = rows["example"]
+    # Every input has a window (a text without words an empty one): the first
+    # holds its words' offsets.
+    first_rows = tf.searchsorted(example, tf.range(num_inputs))
+    starts = tf.gather(rows["word_starts"], first_rows)
+    ends = tf.gather(rows["word_ends"], first_rows)
+    found = tf.where(rows["word_ids"] >= 0)  # (row, position) of each word's first token
+    row, position = found[:, 0], found[:, 1]
+    length = tf.reduce_sum(tf.cast(rows["padding_mask"] > 0, tf.int64), axis=1)
+    context = tf.minimum(position, tf.gather(length, row) - 1 - position)
+    word = (tf.gather(starts.row_splits, tf.gather(example, row))
+            + tf.cast(tf.gather_nd(rows["word_ids"], found), tf.int64))
+    num_rows = tf.size(example, out_type=tf.int64)
+    rank = context * (num_rows + 1) + num_rows - row  # more context first, then earlier rows
+    best = tf.math.unsorted_segment_max(rank, word, tf.size(starts.flat_values))
+    chosen = rank == tf.gather(best, word)
+
+    def per_word(values, missing):
+        flat = tf.tensor_scatter_nd_update(
+            tf.fill(tf.shape(starts.flat_values), missing), tf.boolean_mask(word, chosen)[:, None],
+            tf.boolean_mask(tf.gather_nd(values, found), chosen))
+        return starts.with_flat_values(flat)
+
+    return per_word(tag_ids, -1), per_word(scores, 0.0), starts, ends
 
 
 def _windows(counts, capacity, stride):

@@ -43,3 +43,21 @@ def assert_keras_round_trip(model, x, tmp_path):
         np.testing.assert_array_equal(got[name], expected[name])
     assert restored.tokenizer.get_vocabulary() == model.tokenizer.get_vocabulary()
     return restored
+
+
+def serve_in_fresh_process(model, tmp_path, requests, name="model", **export_options):
+    """Export ``model`` and call it as TF Serving would, in a fresh process.
+
+    Replays the export's warm-up requests, then runs ``requests``, ``[(signature,
+    {input: array})]``, in one process that cannot import keras, keras-hub,
+    kerasllm or tensorflow_text's Python package. Returns ``(version_dir,
+    outputs)``, one dict of numpy outputs per request.
+    """
+    from kerasllm.export import export_savedmodel, read_warmup_requests, run_in_fresh_process
+
+    path = export_savedmodel(model, name, root=tmp_path / "savedmodels", verify=False,
+                             **export_options)
+    warmups = read_warmup_requests(path)
+    report = run_in_fresh_process([(path, warmups + list(requests))])
+    assert report["imported"] == []
+    return path, report["outputs"][0][len(warmups):]

@@ -2,10 +2,13 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import SPECIAL_TOKENS
 
 import kerasllm
+from kerasllm import generation
 from kerasllm.model import KerasLLMModel
+from kerasllm.tokenizers import special_tokens
 
 
 def family_model(family, objective="clm", **sizes):
@@ -165,3 +168,167 @@ def test_single_prompt_gives_a_single_result():
     model = family_model("gpt2")
     assert model.generate([5, 6, 7], max_new_tokens=3, stop_token_ids=[]) == \
         model.generate([[5, 6, 7]], max_new_tokens=3, stop_token_ids=[])[0]
+
+
+# === In a graph: graph_prompt_ids and graph_generate (the SavedModel's generate) ===
+
+SPECS = {"max_new_tokens": tf.TensorSpec([None], tf.int32),
+         "temperature": tf.TensorSpec([None], tf.float32),
+         "top_k": tf.TensorSpec([None], tf.int32), "top_p": tf.TensorSpec([None], tf.float32),
+         "seed": tf.TensorSpec([None], tf.int64)}
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return family_model("gpt2")
+
+
+@pytest.fixture(scope="module")
+def t5():
+    return family_model("t5", num_decoder_layers=3, head_dim=6)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """One traced function per (model, inputs, options), as an exporter keeps one
+    per signature: each XLA-compiles once per (batch, bucket) shape."""
+    functions = {}
+
+    def serve(model, inputs="ids", **options):
+        key = (id(model), inputs, repr(sorted(options.items())))
+        if key not in functions:
+            prompt_spec = tf.RaggedTensorSpec([None, None], tf.int32) if inputs == "ids" \
+                else tf.TensorSpec([None], tf.string)
+
+            @tf.function(input_signature=[prompt_spec, *SPECS.values()], autograph=False)
+            def function(prompts, max_new_tokens, temperature, top_k, top_p, seed):
+                ids = prompts if inputs == "ids" else \
+                    generation.graph_prompt_ids(model, prompts, max_new_tokens)
+                return generation.graph_generate(model, ids, max_new_tokens, temperature,
+                                                 top_k, top_p, seed, **options)
+
+            functions[key] = function
+        return functions[key]
+
+    return serve
+
+
+def run(function, prompts, max_new_tokens=10, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    """Call a served function with per-row parameters (scalars: the same for every row)."""
+    rows = len(prompts)
+    prompts = tf.ragged.constant(prompts, tf.int32, ragged_rank=1) \
+        if not isinstance(prompts[0], str) else tf.constant(prompts)
+    parameters = [np.broadcast_to(np.asarray(value, spec.dtype.as_numpy_dtype), [rows])
+                  for value, spec in zip((max_new_tokens, temperature, top_k, top_p, seed),
+                                         SPECS.values())]
+    return {key: value.numpy() for key, value in function(prompts, *parameters).items()}
+
+
+def unpadded(token_ids):
+    return [[i for i in row if i != -1] for row in token_ids.tolist()]
+
+
+def test_graph_generate_equals_generate_for_decoders(gpt2, served):
+    free = gpt2.generate(PROMPTS, max_new_tokens=10, stop_token_ids=[])
+    stop = free[0][len(PROMPTS[0]) + 3]
+    function = served(gpt2, stop_token_ids=[stop])
+    assert unpadded(run(function, PROMPTS)["token_ids"]) == \
+        gpt2.generate(PROMPTS, max_new_tokens=10, stop_token_ids=[stop])
+    # Per-row max_new_tokens: each row stops at its own length (or its stop token).
+    outputs = unpadded(run(function, PROMPTS, max_new_tokens=[2, 7, 4])["token_ids"])
+    for prompt, count, full, ids in zip(PROMPTS, [2, 7, 4], free, outputs):
+        assert ids == generation._trim(full[:len(prompt) + count], len(prompt), [stop])
+    assert len(outputs[1]) == len(PROMPTS[1]) + 7
+
+
+def test_graph_generate_equals_generate_for_encoder_decoders(t5, served):
+    outputs = run(served(t5, stop_token_ids=[]), PROMPTS)
+    assert unpadded(outputs["token_ids"]) == t5.generate(PROMPTS, max_new_tokens=10,
+                                                         stop_token_ids=[])
+    assert outputs["token_ids"].shape == (3, 10)
+
+
+def test_graph_generate_without_xla_gives_the_same_tokens(gpt2, served):
+    function = served(gpt2, stop_token_ids=[], jit_compile=False)
+    assert unpadded(run(function, PROMPTS)["token_ids"]) == \
+        gpt2.generate(PROMPTS, max_new_tokens=10, stop_token_ids=[])
+    # Samples too: both draw the same random bits (`_gumbel_noise`).
+    sampled = dict(temperature=[1.5, 1.0, 0.0], top_k=[0, 3, 0], top_p=[0.9, 1.0, 1.0],
+                   seed=[1, 2, 3])
+    compiled = run(served(gpt2, stop_token_ids=[]), PROMPTS, **sampled)["token_ids"]
+    np.testing.assert_array_equal(run(function, PROMPTS, **sampled)["token_ids"], compiled)
+
+
+def test_graph_text_equals_generate_on_strings(gpt2, t5, served):
+    texts = ["w1 w2 w3", "w10 w11 w12 w13 w14 w15", "w40"]
+    for model in (gpt2, t5):
+        outputs = run(served(model, "text"), texts)
+        expected = model.generate(texts, max_new_tokens=10)
+        assert [text.decode() for text in outputs["text"]] == expected
+        ids = model.generate(_tokenize(model, texts), max_new_tokens=10)
+        assert unpadded(outputs["token_ids"]) == ids
+        # The completion is the text of the generated tokens alone.
+        generated = [row[len(prompt):] for prompt, row in zip(_tokenize(model, texts), ids)] \
+            if model.backbone.kind == "decoder" else ids
+        tokens = special_tokens(model.tokenizer)
+        assert [text.decode() for text in outputs["completion"]] == \
+            [generation.detokenize(model.tokenizer, row, tokens) for row in generated]
+
+
+def test_each_row_samples_from_its_own_parameters_alone(gpt2, served):
+    function = served(gpt2, stop_token_ids=[])
+    row = dict(temperature=1.5, top_k=0, top_p=0.9, seed=11)
+    alone = run(function, PROMPTS[:1], max_new_tokens=12, **row)["token_ids"][0]
+    batched = run(function, [PROMPTS[2], PROMPTS[0], PROMPTS[1]], max_new_tokens=[3, 12, 20],
+                  temperature=[0.0, 1.5, 0.7], top_k=[0, 0, 5], top_p=[1.0, 0.9, 1.0],
+                  seed=[5, 11, 2])["token_ids"]
+    assert unpadded(batched[1:2]) == unpadded(alone[None])
+    assert unpadded(batched[:1]) == [gpt2.generate(PROMPTS[2], max_new_tokens=3,
+                                                   stop_token_ids=[])]
+    other_seed = run(function, PROMPTS[:1], max_new_tokens=12, **{**row, "seed": 12})
+    assert unpadded(other_seed["token_ids"]) != unpadded(alone[None])
+
+
+def test_empty_and_overlong_prompts_are_mended(gpt2, t5, served):
+    limit = gpt2.backbone.max_sequence_length  # 64 learned positions
+    long_text = " ".join(f"w{i % 60}" for i in range(80))
+    long_ids, short_ids = _tokenize(gpt2, [long_text, "w1 w2"])  # [CLS] + words
+    start = gpt2.tokenizer.cls_token_id
+    # Decoder: the last limit - max_new_tokens tokens (at least one).
+    prompt_ids = generation.graph_prompt_ids(gpt2, tf.constant(["", long_text, "w1 w2"]),
+                                             tf.constant([10, 10, 100]))
+    assert prompt_ids.to_list() == [[start], long_ids[-(limit - 10):], short_ids[-1:]]
+    # graph_generate mends token-id prompts alike: an empty one starts from the
+    # start token; generation ends at the last learned position.
+    outputs = run(served(gpt2, stop_token_ids=[]), [[], long_ids, short_ids],
+                  max_new_tokens=[10, 10, 100])
+    ids = unpadded(outputs["token_ids"])
+    assert ids[:2] == gpt2.generate([[start], long_ids[-(limit - 10):]], max_new_tokens=10,
+                                    stop_token_ids=[])
+    assert len(ids[2]) == limit and ids[2][0] == short_ids[-1]
+
+    # Encoder–decoder: the first tokens that fit the encoder, and the end token.
+    prompt_ids = generation.graph_prompt_ids(t5, tf.constant([long_text, ""]), 10).to_list()
+    full = _tokenize(t5, [long_text])[0]
+    assert prompt_ids == [full[:limit - 1] + [full[-1]], _tokenize(t5, [""])[0]]
+    assert full[-1] == t5.tokenizer.sep_token_id
+
+
+def test_an_empty_prompt_starts_from_the_end_token_without_a_start_token():
+    """GPT-2's convention: <|endoftext|> begins a text when there is no start token."""
+    from kerasllm.tokenizer_layers import WordPieceTokenizer
+
+    tokenizer = WordPieceTokenizer(SPECIAL_TOKENS + ["w1", "w2"],
+                                   special_tokens={"pad": "[PAD]", "end": "[SEP]"})
+    model = KerasLLMModel({"model": {"family": "gpt2", "num_layers": 1, "num_heads": 2,
+                                     "hidden_dim": 8, "intermediate_dim": 8,
+                                     "max_sequence_length": 16},
+                           "objectives": [{"name": "clm"}], "data": {"sequence_length": 16}},
+                          tokenizer)
+    prompt_ids = generation.graph_prompt_ids(model, tf.constant(["", "w1 w2"]), 4)
+    assert prompt_ids.to_list() == [[2], [5, 6]]
+
+
+def _tokenize(model, texts):
+    return generation._tokenize(model.tokenizer, texts, special_tokens(model.tokenizer),
+                                model.backbone.kind)

@@ -8,6 +8,7 @@ never trained on, and long ones (four held-out sentences, the answer in the
 last) span several windows.
 """
 
+import collections
 import re
 
 import keras
@@ -17,7 +18,7 @@ import tensorflow as tf
 
 import kerasllm
 from conftest import tiny_config
-from helpers import assert_keras_round_trip
+from helpers import assert_keras_round_trip, serve_in_fresh_process
 from kerasllm import metrics
 from kerasllm.data import build_dataset, split_heldout
 from kerasllm_plugins.builtin import pydoc_topics
@@ -273,3 +274,60 @@ def test_answers_not_at_their_offsets_fail_naming_them(long_context_windows):
                        match=r"answer_text must be the text of the context at answer_start.*"
                              r"\[loop   a\] \[3 2 30\]"):
         list(build_dataset(model, examples, 8, SEQUENCE_LENGTH))
+
+
+# === Serving ===
+
+def test_an_exported_model_answers_as_predict_does(trained, task, tmp_path):
+    """In a fresh process, as TF Serving runs it: the same answers as
+    ``predict`` for held-out questions, long contexts answered beyond their
+    first window, empty questions and contexts, and invalid UTF-8 (served as if
+    it were U+FFFD)."""
+    model, _, _, _ = trained
+    _, heldout, long_contexts = task
+    candidates = [{"question": row["question"], "context": row["context"]}
+                  for row in heldout[:20] + long_contexts[:8]]
+    rows = collections.defaultdict(list)
+    for row in windows(model, candidates):
+        rows[row["example"]].append(row)
+    # Sentences of one window (for serve_token_ids too), then long contexts.
+    sentences = [i for i in range(20) if len(rows[i]) == 1][:8]
+    assert len(sentences) == 8
+    single = [rows[i][0] for i in sentences]
+    asked = [candidates[i] for i in sentences] + candidates[20:]
+    asked += [{"question": "", "context": heldout[0]["context"]},
+              {"question": "loop?", "context": ""}, {"question": "", "context": ""},
+              {"question": "café?", "context": "A naïve café in Zürich."}]
+    raw = [{key: value.encode() for key, value in row.items()} for row in asked]
+    raw.append({"question": b"caf\xff?", "context": b"Say caf\xff or \xc3 and wait."})
+    by_ids = {key: np.stack([row[key] for row in single])
+              for key in ("token_ids", "padding_mask", "segment_ids")}
+    _, (served, served_ids) = serve_in_fresh_process(model, tmp_path, [
+        ("serving_default", {key: np.array([row[key] for row in raw], dtype=object)
+                             for key in ("question", "context")}),
+        ("serve_token_ids", by_ids)])
+
+    expected = model.predict([{key: value.decode("utf-8", "replace")
+                               for key, value in row.items()} for row in raw])
+    assert set(served) == {"answer", "start", "end", "score"}
+    for i, answer in enumerate(expected):
+        assert served["answer"][i].decode() == answer["text"]
+        assert (served["start"][i], served["end"][i]) == (answer["start"], answer["end"])
+        if answer["score"] is None:  # no context word
+            assert served["score"][i] == -np.inf
+        else:
+            assert served["score"][i] == pytest.approx(answer["score"], abs=1e-4)
+    assert [answer["score"] is None for answer in expected[16:]] == [
+        False, True, True, False, False]
+    # Long contexts: some answers come from beyond the first window.
+    first_window_ends = [rows[i][0]["token_ends"].max() for i in range(20, 28)]
+    assert sum(served["start"][8:16] >= first_window_ends) >= 3
+
+    # Token ids in: the best span's token positions in each row.
+    assert set(served_ids) == {"start_token", "end_token", "score"}
+    for row, first, last, score, answer in zip(single, served_ids["start_token"],
+                                               served_ids["end_token"], served_ids["score"],
+                                               expected):
+        assert (row["token_starts"][first], row["token_ends"][last]) == (
+            answer["start"], answer["end"])
+        assert score == pytest.approx(answer["score"], abs=1e-4)

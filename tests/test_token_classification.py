@@ -14,7 +14,7 @@ import tensorflow as tf
 
 import kerasllm
 from conftest import tiny_config
-from helpers import assert_keras_round_trip
+from helpers import assert_keras_round_trip, serve_in_fresh_process
 from kerasllm import metrics
 from kerasllm.data import build_dataset
 from kerasllm.evaluation import as_dataset
@@ -344,3 +344,67 @@ def test_finds_code_mentions_better_than_a_lexicon(fine_tuned, mentions, tmp_pat
     examples = as_dataset([{"words": words, "tags": tags} for _, words, tags in heldout[:8]])
     x, _ = next(iter(build_dataset(fine_tuned, examples, 8, 32)))
     assert_keras_round_trip(fine_tuned, x, tmp_path)
+
+
+# === Serving ===
+
+def test_an_exported_model_tags_words_as_predict_does(fine_tuned, mentions, tokenizer, tmp_path):
+    """In a fresh process, as TF Serving runs it: the same words, tags, scores,
+    offsets and entities as ``predict``, for Unicode, an empty text, a text of
+    several windows and invalid UTF-8 (served as if it were U+FFFD)."""
+    _, heldout = mentions
+    head = fine_tuned.heads[0]
+    candidates = [text for text, _, _ in heldout[4:40]]
+    rows = collections.defaultdict(list)
+    for row in rows_of(head, tokenizer, [{"text": text} for text in candidates]):
+        rows[row["example"]].append(row)
+    # Texts of one window, for serve_token_ids too.
+    one_window = [i for i in range(len(candidates)) if len(rows[i]) == 1][:6]
+    assert len(one_window) == 6
+    texts = [candidates[i] for i in one_window]
+    short = [rows[i][0] for i in one_window]
+    long_text = " ".join(text for text, _, _ in heldout[:4])
+    assert len(tokenizer(long_text)) > 2 * 32
+    raw = [text.encode() for text in texts + [
+        'Zoë\'s "KeyError" — raised in Zürich, then über-café (naïve)!', "", long_text]]
+    raw.append(b'caf\xff "len()" or "None".')
+    by_ids = {key: np.stack([row[key] for row in short])
+              for key in ("token_ids", "padding_mask", "segment_ids")}
+    _, (served, served_ids) = serve_in_fresh_process(fine_tuned, tmp_path, [
+        ("serving_default", {"text": np.array(raw, dtype=object)}),
+        ("serve_token_ids", by_ids)])
+
+    expected = fine_tuned.predict([text.decode("utf-8", "replace") for text in raw])
+    assert set(served) == {"words", "tags", "tag_ids", "scores", "word_starts", "word_ends",
+                           "num_words", "entity_types", "entity_starts", "entity_ends",
+                           "entity_texts", "num_entities"}
+    labels = head.labels
+    for i, answer in enumerate(expected):
+        count = served["num_words"][i]
+        assert count == len(answer["words"])
+        assert [word.decode() for word in served["words"][i, :count]] == answer["words"]
+        assert [tag.decode() for tag in served["tags"][i, :count]] == answer["tags"]
+        assert [labels[tag] for tag in served["tag_ids"][i, :count]] == answer["tags"]
+        np.testing.assert_allclose(served["scores"][i, :count], answer["scores"], atol=1e-5)
+        assert [[start, end] for start, end in zip(
+            served["word_starts"][i, :count], served["word_ends"][i, :count])] == answer["offsets"]
+        # Padding: no word.
+        assert (served["tags"][i, count:] == b"").all()
+        assert (served["word_starts"][i, count:] == -1).all()
+        found = served["num_entities"][i]
+        assert [{"type": kind.decode(), "start": start, "end": end, "text": text.decode()}
+                for kind, start, end, text in zip(
+                    served["entity_types"][i, :found], served["entity_starts"][i, :found],
+                    served["entity_ends"][i, :found], served["entity_texts"][i, :found])
+                ] == answer["entities"]
+    assert served["num_words"][len(texts) + 1] == 0  # the empty text
+    assert served["num_entities"].sum() >= 5
+
+    # Token ids in: a tag for every real token, the words' at their first tokens.
+    assert set(served_ids) == {"token_tag_ids", "token_tags", "token_scores"}
+    for row, tag_ids, answer in zip(short, served_ids["token_tag_ids"], expected):
+        real = row["padding_mask"] > 0
+        assert (tag_ids[~real] == -1).all() and (tag_ids[real] >= 0).all()
+        first_tokens = row["word_ids"] >= 0
+        assert [labels[tag] for tag in tag_ids[first_tokens]] == [
+            answer["tags"][word] for word in row["word_ids"][first_tokens]]
