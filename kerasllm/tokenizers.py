@@ -148,3 +148,13 @@ def text_iterator(texts, batch_size=1024):
         for text in batch:
             # Those trainers take str; one stray byte should not end a long training run.
             yield text.decode("utf-8", errors="replace")
+
+
+def token_strings(tokenizer, size):
+    """Each id's token as the vocabulary writes it, ``""`` for ids past the
+    vocabulary (a model's table may be larger): a numpy array, for serving graphs
+    that answer with tokens (``tf.gather(tf.constant(strings), ids)``)."""
+    import numpy as np
+
+    vocabulary = list(tokenizer.get_vocabulary())
+    return np.array(vocabulary + [""] * (size - len(vocabulary)), object)

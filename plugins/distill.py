@@ -21,8 +21,14 @@ and kept out of Keras' tracking: the student never trains it and its weights
 are not saved with the student. A saved student's config keeps the teacher's
 path, so reloading it loads the teacher again: keep the teacher file (give an
 absolute path, or one relative to where you load the student). To use a student
-without its teacher, copy its backbone into a model of the plain objective
-(``plain.backbone.set_weights(student.backbone.get_weights())``).
+without its teacher, copy its backbone and objective into a model of the plain
+objective (``plain.backbone.set_weights(student.backbone.get_weights())``,
+``plain.heads[0].set_weights(student.heads[0].objective.get_weights())``).
+
+An exported student serves nothing of its own (its predictions run the
+teacher, which the SavedModel does not hold): ``serving_default`` gives an
+encoder's ``embedding`` and a decoder's generations. For the objective's own
+outputs (``mlm``'s fillers), export the plain model made as above.
 """
 
 import contextlib

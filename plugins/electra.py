@@ -29,8 +29,12 @@ so ``evaluate`` reports the same losses as training (the official code's eval
 mode corrupts as well). Inference mode samples with a seed computed from the
 batch's contents, not from the layer's seed stream: the same inputs give the
 same outputs (a reloaded model reproduces them), and evaluating does not move
-the training draws. Inputs without ``mask_positions`` (real text) are not
-corrupted: the discriminator scores them as they are, as the paper uses it.
+the training draws. Inputs without ``mask_positions`` (real text), or with
+none (zero columns, as an exported model feeds it), are not corrupted: the
+discriminator scores them as they are, as the paper uses it.
+
+Served (``kerasllm export``), the discriminator tells which tokens of a text
+look replaced, besides the encoder's ``embedding``.
 """
 
 import keras
@@ -41,6 +45,7 @@ import kerasllm
 from kerasllm.heads import Head, weighted_cross_entropy, weighted_mean
 from kerasllm.layers import ACTIVATIONS, TransformerBlock, make_norm
 from kerasllm.masking import TokenMasking
+from kerasllm.tokenizers import token_strings
 
 
 class Electra(Head):
@@ -61,6 +66,16 @@ class Electra(Head):
             divisor of ``generator_hidden_dim``.
         generator_intermediate_dim: default: the backbone's ratio of
             intermediate to hidden width (BERT's 4).
+
+    Serving: ``serving_default`` takes ``text`` ``(batch,)`` string, packed
+    and cut to ``data.sequence_length`` as in training; ``serve_token_ids``
+    the client's rows. Neither corrupts the text: the discriminator scores it
+    as it is. Outputs, ``length`` the rows' length:
+
+    - ``replaced_probabilities`` ``(batch, length)`` float32: the
+      discriminator's probability that each token was replaced; 0 at padding.
+    - ``tokens`` ``(batch, length)`` string: each token as the vocabulary
+      writes it (``[CLS]``, ``##ing``); empty at padding.
     """
 
     input_keys = ("mask_positions", "mask_weights")
@@ -159,6 +174,8 @@ class Electra(Head):
         self.discriminator_accuracy = keras.metrics.BinaryAccuracy(
             name=f"{self.name}_discriminator_accuracy", threshold=0.0)
         self.replaced_fraction = keras.metrics.Mean(name=f"{self.name}_replaced_fraction")
+        # A numpy array, which Keras does not track.
+        self.vocabulary = token_strings(tokenizer, backbone.vocabulary_size)
 
     def build(self, sequence_output_shape):
         width = self.generator_hidden_dim
@@ -190,8 +207,8 @@ class Electra(Head):
     # === Model ===
 
     def transform_inputs(self, inputs, training=False):
-        if "mask_positions" not in inputs:
-            return inputs  # real text: nothing to corrupt
+        if "mask_positions" not in inputs or inputs["mask_positions"].shape[1] == 0:
+            return inputs  # real text (no selections, as served): nothing to corrupt
         if "mask_weights" not in inputs:
             raise ValueError("ELECTRA inputs with `mask_positions` need `mask_weights` too "
                              "(1.0 for a selection, 0.0 for padding), as `prepare` makes them")
@@ -230,6 +247,28 @@ class Electra(Head):
             predictions["generator_logits"] = inputs[f"{self.name}_generator_logits"]
             predictions["corrupted_token_ids"] = inputs[f"{self.name}_corrupted_token_ids"]
         return predictions
+
+    # === Serving ===
+
+    def serving_inputs(self):
+        return {"text": tf.TensorSpec([None], tf.string)}
+
+    def serving_rows(self, inputs, tokenizer, sequence_length):
+        return self.serving_token_rows(super().serving_rows(inputs, tokenizer, sequence_length))
+
+    def serving_token_rows(self, rows):
+        # The exporter feeds the head all its input keys: no selections, so
+        # transform_inputs leaves the text as it is.
+        no_selections = tf.zeros([tf.shape(rows["token_ids"])[0], 0])
+        return {**rows, "mask_positions": tf.cast(no_selections, tf.int32),
+                "mask_weights": no_selections}
+
+    def serving_outputs(self, predictions, rows, inputs):
+        real = rows["padding_mask"] > 0
+        logits = tf.cast(predictions["discriminator_logits"], tf.float32)
+        return {"replaced_probabilities": tf.where(real, tf.sigmoid(logits), 0.0),
+                "tokens": tf.where(real, tf.gather(tf.constant(self.vocabulary),
+                                                   rows["token_ids"]), "")}
 
     # === Loss and metrics ===
 

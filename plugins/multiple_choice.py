@@ -33,6 +33,17 @@ class MultipleChoice(SequenceLevelHead):
         representation: ``pooled``, ``first_token`` or ``last_token`` of each
             (text, choice) pair, as for ``classification``.
         dropout: on the representation before the scoring layer.
+
+    Serving: ``serving_default`` takes ``text`` ``(batch,)`` and ``choices``
+    ``(batch, num_choices)`` string, packed as in training, and gives
+    ``probabilities`` ``(batch, num_choices)`` float32, ``choice_ids``
+    ``(batch,)`` int32 (the chosen index, ``predict``'s ``label``),
+    ``choice_text`` ``(batch,)`` string (its text) and ``score`` ``(batch,)``
+    float32 (its probability). ``serve_token_ids`` takes one packed ``[CLS]
+    text [SEP] choice [SEP]`` pair per row and gives ``logits`` ``(batch,)``
+    float32, the pair's score: the softmax over an example's rows is its
+    ``probabilities``. (Rows must stay one per input for TF Serving's request
+    batching, so the signature cannot group an example's pairs.)
     """
 
     def __init__(self, backbone, tokenizer, num_choices=None, representation=None,
@@ -89,20 +100,25 @@ class MultipleChoice(SequenceLevelHead):
                     "the examples (numbers, then labels) that are not:"))
             with tf.control_dependencies(checks):
                 flat = tf.reshape(flat, [-1])
-            # Each text is tokenized once and paired with each of its choices.
-            texts = tokenizer(batch["text"])
-            owners = tf.repeat(tf.range(tf.shape(batch["text"])[0]), num_choices)
-            pairs = pack([tf.gather(texts, owners), tokenizer(flat)])
-            rows = {key: tf.reshape(value, [-1, num_choices, sequence_length])
-                    for key, value in pairs.items()}
             kept = {key: value for key, value in batch.items() if key not in ("text", "choices")}
             if "label" in batch:
                 kept["label"] = label
-            # The choices' strings stay in the rows for decode to name the chosen one.
-            return {**kept, **rows, "choices": tf.reshape(flat, [-1, num_choices])}
+            return {**kept, **self.pack_choices(pack, tokenizer, batch["text"], flat)}
 
         return examples.ragged_batch(TOKENIZE_BATCH).map(
             encode_batch, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+    def pack_choices(self, pack, tokenizer, texts, choices):
+        """``texts`` ``(batch,)`` and their ``choices`` flat, ``(batch *
+        num_choices,)`` strings → rows of ``(batch, num_choices, length)`` pairs,
+        and ``choices`` ``(batch, num_choices)``; ``pack``: a two-segment packer."""
+        # Each text is tokenized once and paired with each of its choices.
+        owners = tf.repeat(tf.range(tf.shape(texts)[0]), self.num_choices)
+        pairs = pack([tf.gather(tokenizer(texts), owners), tokenizer(choices)])
+        rows = {key: tf.reshape(value, [-1, self.num_choices, value.shape[-1]])
+                for key, value in pairs.items()}
+        # The choices' strings stay in the rows for decode to name the chosen one.
+        return {**rows, "choices": tf.reshape(choices, [-1, self.num_choices])}
 
     def prepare(self, features, seed):
         features = dict(features)
@@ -116,11 +132,19 @@ class MultipleChoice(SequenceLevelHead):
                 raise ValueError(f"{self.name}: {key!r} must be (batch, num_choices, length), "
                                  f"got shape {value.shape}")
             flat[key] = tf.reshape(value, [-1, tf.shape(value)[-1]])
+        # Pairs per example: num_choices, or 1 for serve_token_ids' single pairs.
+        choices = inputs["token_ids"].shape[1]
+        flat[self.choices_key] = tf.shape(inputs["token_ids"])[1] if choices is None \
+            else tf.constant(choices)
         return {**inputs, **flat}
+
+    @property
+    def choices_key(self):
+        return f"{self.name}_choices"
 
     def call(self, backbone_outputs, inputs, training=False):
         scores = super().call(backbone_outputs, inputs, training=training)
-        return tf.reshape(scores, [-1, self.num_choices])
+        return tf.reshape(scores, [-1, inputs.get(self.choices_key, self.num_choices)])
 
     def compute_loss(self, targets, predictions):
         return tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
@@ -138,6 +162,31 @@ class MultipleChoice(SequenceLevelHead):
                             "score": float(probabilities[best]),
                             "probabilities": probabilities.tolist()})
         return answers
+
+    # === Serving ===
+
+    def serving_inputs(self):
+        return {"text": tf.TensorSpec([None], tf.string),
+                "choices": tf.TensorSpec([None, self.num_choices], tf.string)}
+
+    def serving_rows(self, inputs, tokenizer, sequence_length):
+        pack = segment_packer(tokenizer, sequence_length, 2)
+        return self.pack_choices(pack, tokenizer, inputs["text"],
+                                 tf.reshape(inputs["choices"], [-1]))
+
+    def serving_token_rows(self, rows):
+        # The signature's rows are (batch, length): each one (text, choice) pair.
+        return {key: value[:, None] for key, value in rows.items()}
+
+    def serving_outputs(self, predictions, rows, inputs):
+        logits = tf.cast(predictions, tf.float32)
+        if inputs is None:
+            return {"logits": logits[:, 0]}
+        probabilities = tf.nn.softmax(logits)
+        chosen = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        return {"probabilities": probabilities, "choice_ids": chosen,
+                "choice_text": tf.gather(rows["choices"], chosen, batch_dims=1),
+                "score": tf.reduce_max(probabilities, axis=-1)}
 
     def score(self, answers, examples):
         return {"accuracy": metrics.accuracy([int(example["label"]) for example in examples],

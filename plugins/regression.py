@@ -24,13 +24,20 @@ class Regression(SequenceLevelHead):
         representation: ``pooled``, ``first_token`` or ``last_token``, as for
             ``classification``.
         dropout: on the representation before the output layer.
+        pairs: the examples are sentence pairs (``text_pair``); set from the
+            training examples by ``kerasllm finetune``.
+
+    Serving: ``serving_default`` takes ``text`` (and ``text_pair`` with
+    ``pairs``) ``(batch,)`` string, packed and cut as in training; it and
+    ``serve_token_ids`` give ``value`` ``(batch,)`` float32, the prediction in
+    the targets' units (what ``predict`` answers).
     """
 
     def __init__(self, backbone, tokenizer, label_mean=0.0, label_scale=1.0,
-                 representation=None, dropout=0.1, **kwargs):
+                 representation=None, dropout=0.1, pairs=False, **kwargs):
         if not label_scale > 0:
             raise ValueError(f"label_scale must be > 0, got {label_scale}")
-        super().__init__(backbone, tokenizer, 1, representation, dropout, **kwargs)
+        super().__init__(backbone, tokenizer, 1, representation, dropout, pairs, **kwargs)
         self.label_mean = float(label_mean)
         self.label_scale = float(label_scale)
         self.mean_absolute_error = keras.metrics.MeanAbsoluteError(
@@ -38,6 +45,7 @@ class Regression(SequenceLevelHead):
 
     @classmethod
     def infer_options(cls, examples, options):
+        options = super().infer_options(examples, options)
         if {"label_mean", "label_scale"} <= set(options) or "label" not in examples.element_spec:
             return options
         labels = np.array(list(examples.map(lambda example: example["label"])
@@ -68,6 +76,9 @@ class Regression(SequenceLevelHead):
 
     def decode(self, predictions, rows):
         return [float(value) for value in predictions]
+
+    def serving_outputs(self, predictions, rows, inputs):
+        return {"value": tf.cast(predictions, tf.float32)}
 
     def score(self, answers, examples):
         truth = np.array([example["label"] for example in examples], "float64")

@@ -22,6 +22,11 @@ split and partner every time it is seen.
 
 Combine with ``mlm`` (``objectives: [{name: nsp}, {name: mlm}]``, BERT's recipe):
 the pairs are built first, then masked.
+
+An exported model serves neither objective: a pretraining task, not an answer
+anyone asks for, and its second text input would burden every request.
+``serving_default`` gives the encoder's ``embedding`` (and ``mlm``'s fillers
+when it is combined with it).
 """
 
 import keras

@@ -251,7 +251,8 @@ def test_unknown_objective_option_lists_allowed_options(tokenizer):
     message = build_error(tiny_config(objectives=[{"name": "mlm", "options": {"foo": 1}}]),
                           tokenizer)
     assert message == ("unknown option 'foo' for objective 'mlm' in objectives[0].options; "
-                       "allowed: mask_token_rate, random_token_rate, selection_rate, whole_word_masking")
+                       "allowed: mask_token_rate, random_token_rate, selection_rate, "
+                       "serving_top_k, whole_word_masking")
 
 
 def test_fixed_constructor_arguments_are_not_options(tokenizer):

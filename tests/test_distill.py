@@ -13,6 +13,7 @@ import tensorflow as tf
 from conftest import SPECIAL_TOKENS, tiny_config
 
 import kerasllm
+from helpers import serve_in_fresh_process
 from kerasllm.data import build_dataset, split_heldout
 
 STUDENT = {"num_layers": 1, "hidden_dim": 16, "num_heads": 2, "intermediate_dim": 32,
@@ -168,6 +169,28 @@ def test_a_causal_teacher_copied_into_its_student_has_zero_kl(tokenizer, corpus,
     np.testing.assert_allclose(
         model.compute_loss(x, y, model(x)),
         0.5 * teacher.compute_loss(x, {"clm": y["distill"]}, teacher(x)), rtol=1e-5)
+
+
+def test_an_exported_student_serves_its_embedding_without_the_teacher(tokenizer, teacher_path,
+                                                                     tmp_path):
+    from kerasllm.task_inputs import pack_texts
+
+    model = student(tokenizer, teacher_path, "distill")
+    texts = ["The pass statement does nothing.", "", "for loops iterate " * 20]
+    path, (served,) = serve_in_fresh_process(model, tmp_path, [
+        ("serving_default", {"text": np.array(texts, object)})])
+    assert set(served) == {"embedding"}
+    # No pooler: the mean of the final hidden states over the real tokens.
+    rows = pack_texts({"text": tf.constant(texts)}, tokenizer, 32)
+    hidden = model.backbone({key: rows[key] for key in model.backbone.input_keys})
+    mask = rows["padding_mask"].numpy()[..., None]
+    expected = (hidden["sequence_output"].numpy() * mask).sum(1) / mask.sum(1)
+    np.testing.assert_allclose(served["embedding"], expected, rtol=0, atol=1e-5)
+    # The teacher's weights stay out of the SavedModel as out of the .keras file.
+    teacher_size = sum(w.size for w in model.get_head("distill").teacher.model.get_weights())
+    saved = tf.train.load_checkpoint(str(path / "variables" / "variables"))
+    assert sum(np.prod(shape) for shape in saved.get_variable_to_shape_map().values()) \
+        < teacher_size
 
 
 def test_errors(tokenizer, teacher_path, tmp_path):

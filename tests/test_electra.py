@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import tiny_config
-from helpers import run_head_test
+from helpers import run_head_test, serve_in_fresh_process
 from kerasllm_plugins.electra import sample_tokens
 
 import kerasllm
@@ -321,6 +321,30 @@ def test_inference_mode_round_trip_and_real_text(trained, tmp_path):
     scores = restored(text)["electra"]
     assert set(scores) == {"discriminator_logits"}
     assert scores["discriminator_logits"].shape == x["token_ids"].shape
+
+
+def test_serving_scores_each_token_of_real_text(trained, tokenizer, tmp_path):
+    from kerasllm.task_inputs import pack_texts
+
+    model = trained[0]
+    texts = ["The pass statement does nothing.", "", "for loops iterate " * 20]
+    rows = {key: value.numpy() for key, value in pack_texts(
+        {"text": tf.constant(texts)}, tokenizer, model.config.data.sequence_length).items()}
+    request = {key: rows[key] for key in model.backbone.input_keys}
+    _, (served, from_ids) = serve_in_fresh_process(model, tmp_path, [
+        ("serving_default", {"text": np.array(texts, object)}), ("serve_token_ids", request)])
+    logits = model(request)["electra"]["discriminator_logits"].numpy()
+    real = rows["padding_mask"] > 0
+    expected = np.where(real, 1 / (1 + np.exp(-logits)), 0)
+    vocabulary = np.array(tokenizer.get_vocabulary(), object)
+    for outputs in (served, from_ids):
+        assert outputs["replaced_probabilities"].dtype == np.float32
+        np.testing.assert_allclose(outputs["replaced_probabilities"], expected, rtol=0, atol=1e-5)
+        np.testing.assert_array_equal(outputs["tokens"].astype(str),
+                                      np.where(real, vocabulary[rows["token_ids"]], ""))
+    assert served["tokens"][0, 0] == b"[CLS]" and set(served["tokens"][1]) <= {b"[CLS]",
+                                                                                 b"[SEP]", b""}
+    assert served["embedding"].shape == (3, model.backbone.hidden_dim)
 
 
 def test_prepare_is_deterministic(tokenizer, examples):

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
-from helpers import serve_in_fresh_process
 
 import kerasllm
 from conftest import tiny_config
@@ -42,10 +41,10 @@ FAMILIES = {  # family: tokenizer plugin
 
 
 @functools.cache
-def trained_tokenizer(name):
+def trained_tokenizer(name, sentinels=0):
     texts = tf.data.Dataset.from_tensor_slices(pydoc_topics()[:40])
     return get_registry().get("tokenizer", name, "tokenizer.name").train(
-        texts, 400, lowercase=False)
+        texts, 400, lowercase=False, sentinels=sentinels)
 
 
 def classifier(family, pairs=False, **options):
@@ -91,7 +90,9 @@ def served(tmp_path_factory):
     for family in sorted(FAMILIES):
         model = classifier(family, pairs=family == "bert")
         path = export_savedmodel(model, family, root=root, verify=False)
-        exported[family] = (model, path, read_warmup_requests(path) + requests_for(model, family))
+        readme = rest_requests(path, "classification") if family == "bert" else []
+        exported[family] = (model, path, read_warmup_requests(path) + readme
+                            + requests_for(model, family))
     report = run_in_fresh_process([(path, requests) for _, path, requests in exported.values()])
     assert report["imported"] == []
     return {family: (model, path, requests, outputs) for (family, (model, path, requests)),
@@ -240,3 +241,195 @@ def test_cli_exports_a_saved_model(tmp_path, capsys):
     assert "in  text                   string   (-1,)" in printed
     assert main(["export", str(tmp_path / "missing"), "--name", "x"]) == 2
     assert "model file not found" in capsys.readouterr().err
+
+
+# Generation exported without XLA for some models: the same tokens (checked
+# against model.generate, which compiles), and no XLA compile in the server.
+GENERATORS = {  # name: (family, tokenizer, config sections, export xla)
+    "gpt2_clm": ("gpt2", "byte_level_bpe", {"objectives": [{"name": "clm"}]}, "generate"),
+    "llama_causal_lm": ("llama", "sentencepiece", {
+        "objectives": [], "head": {"name": "causal_lm", "options": {"max_new_tokens": 6}}},
+        "none"),
+    "t5_seq2seq": ("t5", "sentencepiece", {"objectives": [], "head": {"name": "seq2seq"}},
+                   "generate"),
+    "t5_span": ("t5", "sentencepiece", {"objectives": [{"name": "span"}]}, "none"),
+}
+# Batches of 3 and 1, as the warm-up requests: XLA compiled the loop for them.
+PROMPTS = [b"The for statement caf\xff", b"", LONG.encode()]
+
+
+def generator(name):
+    family, tokenizer, sections, _ = GENERATORS[name]
+    config = tiny_config(model={"family": family, "num_layers": 1, "max_sequence_length": 64},
+                         **sections)
+    return kerasllm.build_model(config, trained_tokenizer(tokenizer, 16 * (name == "t5_span")))
+
+
+def generate_request(prompts, max_new_tokens, temperature=0.0, seed=0):
+    count = len(prompts)
+    return ("generate", {
+        "prompts": np.array(prompts, dtype=object),
+        "max_new_tokens": np.full(count, max_new_tokens, "int32"),
+        "temperature": np.full(count, temperature, "float32"),
+        "top_k": np.zeros(count, "int32"), "top_p": np.ones(count, "float32"),
+        "seed": np.full(count, seed, "int64")})
+
+
+@pytest.fixture(scope="module")
+def generators(tmp_path_factory):
+    """Decoder and encoder–decoder models exported and
+    served from one fresh process: ``name → (model, path, outputs)``."""
+    tf.keras.utils.set_random_seed(0)
+    root = tmp_path_factory.mktemp("savedmodels")
+    requests = [generate_request(PROMPTS, 5),
+                generate_request([PROMPTS[0]] * 2 + [PROMPTS[1]], 5, temperature=1.0, seed=7),
+                generate_request([PROMPTS[0]], 5, temperature=1.0, seed=7),
+                ("serving_default", {"prompts": np.array(PROMPTS[:1], dtype=object)})]
+    jobs = {}
+    for name, (*_, xla) in GENERATORS.items():
+        model = generator(name)
+        jobs[name] = (model, export_savedmodel(model, name, root=root, xla=xla, verify=False))
+    readme = rest_requests(jobs["gpt2_clm"][1], "generate")
+    report = run_in_fresh_process([(path, requests + (readme if name == "gpt2_clm" else []))
+                                   for name, (_, path) in jobs.items()])
+    assert report["imported"] == []
+    return {name: (model, path, outputs) for (name, (model, path)), outputs
+            in zip(jobs.items(), report["outputs"])}
+
+
+@pytest.mark.parametrize("name", GENERATORS)
+def test_generate_signature_matches_model_generate(name, generators):
+    model, path, outputs = generators[name]
+    greedy, sampled, alone, default = outputs[:4]
+    encoder_decoder = model.backbone.kind == "encoder_decoder"
+    expected = model.generate(cleaned(PROMPTS[:1]), 5)
+    assert [t.decode() for t in greedy["text"][:1]] == expected
+    # Token ids: what model.generate gives for the same ids, padded with -1.
+    row = greedy["token_ids"][0]
+    row = row[row >= 0].tolist()
+    if not encoder_decoder:
+        from kerasllm.generation import graph_prompt_ids
+
+        prompt = graph_prompt_ids(model, tf.constant(cleaned(PROMPTS[:1])), 5)
+        assert model.generate(prompt.to_list(), 5) == [row]
+    # An empty prompt and one longer than the model's positions still generate.
+    for text, completion in zip(greedy["text"][1:], greedy["completion"][1:]):
+        assert text.decode().endswith(completion.decode())
+    # Sampling: row 0 and 1 share prompt and seed, and row 0 alone samples the same.
+    np.testing.assert_array_equal(sampled["token_ids"][0], sampled["token_ids"][1])
+    np.testing.assert_array_equal(alone["token_ids"][0],
+                                  sampled["token_ids"][0][:alone["token_ids"].shape[1]])
+    defaults = model.generate(cleaned(PROMPTS[:1]),
+                              getattr(model.heads[0], "max_new_tokens", 32))
+    assert [t.decode() for t in default["text"]] == defaults
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    compiled = [f.attr["_XlaMustCompile"].b for f in saved.meta_graphs[0].graph_def.library.function]
+    assert any(compiled) == (GENERATORS[name][3] != "none")
+
+
+# === The README's REST bodies, as TF Serving's JSON API reads them ===============
+
+
+def readme_rest_examples(kind):
+    """``(request, response)`` JSON pairs the README documents for ``kind``."""
+    pattern = r"<!-- rest:(\w+) -->\n```json\n(.*?)```\n\n```json\n(.*?)```"
+    return [(json.loads(request), json.loads(response)) for found, request, response
+            in re.findall(pattern, README.read_text(), re.S) if found == kind]
+
+
+def signature_dtypes(path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    return {name: {key: tf.dtypes.as_dtype(info.dtype) for key, info in sig.inputs.items()}
+            for name, sig in saved.meta_graphs[0].signature_def.items()}
+
+
+def rest_tensor(value, dtype):
+    """A JSON value as TF Serving converts it: strings to UTF-8 bytes, {"b64": ...}
+    to raw bytes, numbers to the input's dtype."""
+    import base64
+
+    def leaf(item):
+        if isinstance(item, dict):
+            return base64.b64decode(item["b64"])
+        return item.encode("utf-8") if isinstance(item, str) else item
+
+    def convert(item):
+        return [convert(i) for i in item] if isinstance(item, list) else leaf(item)
+
+    values = convert(value)
+    if dtype == tf.string:
+        return np.array(values, dtype=object)
+    return np.array(values, dtype=dtype.as_numpy_dtype)
+
+
+def rest_request(body, dtypes):
+    """``(signature, inputs)`` of a request body in the row or the columnar format."""
+    signature = body.get("signature_name", "serving_default")
+    if "instances" in body:
+        instances = body["instances"]
+        columns = {key: [instance[key] for instance in instances] for key in instances[0]}
+    else:
+        columns = body["inputs"]
+    assert set(columns) == set(dtypes[signature]), (columns.keys(), dtypes[signature])
+    return signature, {key: rest_tensor(value, dtypes[signature][key])
+                       for key, value in columns.items()}
+
+
+def rest_requests(path, kind):
+    dtypes = signature_dtypes(path)
+    return [rest_request(request, dtypes) for request, _ in readme_rest_examples(kind)]
+
+
+def rest_response(body, outputs):
+    """The response TF Serving would send for ``outputs``: ``predictions`` (one
+    object per instance) for the row format, ``outputs`` for the columnar one."""
+    def python(value):
+        if isinstance(value, np.ndarray):
+            return [python(item) for item in value] if value.ndim else python(value.item())
+        if isinstance(value, np.generic):
+            return value.item()
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+    if "instances" in body:
+        count = len(body["instances"])
+        return {"predictions": [{key: python(value[i]) for key, value in outputs.items()}
+                                for i in range(count)]}
+    return {"outputs": {key: python(value) for key, value in outputs.items()}}
+
+
+def depth(value):
+    return 1 + depth(value[0]) if isinstance(value, list) and value else int(
+        isinstance(value, list))
+
+
+def assert_documented(documented, actual):
+    """The same outputs, the same number of rows, and each value nested alike."""
+    if "predictions" in documented:
+        assert len(actual["predictions"]) == len(documented["predictions"])
+        pairs = list(zip(documented["predictions"], actual["predictions"]))
+    else:
+        pairs = [(documented["outputs"], actual["outputs"])]
+    for expected, got in pairs:
+        assert set(expected) == set(got), (sorted(expected), sorted(got))
+        for key in expected:
+            assert depth(expected[key]) == depth(got[key]), (key, expected[key], got[key])
+            assert type(expected[key] if depth(expected[key]) == 0 else None) in (
+                type(got[key] if depth(got[key]) == 0 else None), float, int), key
+
+
+@pytest.mark.parametrize("kind", ["classification", "generate"])
+def test_readme_rest_bodies_call_the_exported_signatures(kind, served, generators):
+    examples = readme_rest_examples(kind)
+    assert examples, f"the README documents no REST body for {kind}"
+    if kind == "classification":
+        _, _, requests, outputs = served["bert"]
+        outputs = outputs[-3 - len(examples):-3]
+    else:
+        outputs = generators["gpt2_clm"][2][4:]
+    assert len(outputs) == len(examples)
+    for (request, response), got in zip(examples, outputs):
+        assert_documented(response, rest_response(request, got))

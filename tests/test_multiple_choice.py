@@ -11,7 +11,7 @@ from pydoc_data.topics import topics
 
 import kerasllm
 from conftest import tiny_config
-from helpers import assert_keras_round_trip
+from helpers import assert_keras_round_trip, serve_in_fresh_process
 from kerasllm.data import build_dataset
 from kerasllm.evaluation import evaluate
 
@@ -159,6 +159,32 @@ def test_predict_names_the_chosen_choice(trained, heldout_batches, task):
         assert answer["label"] == expected.argmax()
         assert answer["choice"] == example["choices"][answer["label"]]
         assert answer["score"] == pytest.approx(expected.max(), rel=1e-4)
+
+
+def test_serving_answers_as_predict_does(trained, heldout_batches, task, tmp_path):
+    _, heldout = task
+    inputs = [{"text": example["text"], "choices": example["choices"]} for example in heldout[:8]]
+    inputs.append({"text": "", "choices": ["", "pass", "del", "with"]})
+    x, _ = next(iter(heldout_batches))
+    pairs = {key: x[key].numpy().reshape(8 * NUM_CHOICES, SEQUENCE_LENGTH)
+             for key in trained.backbone.input_keys}
+    _, (served, from_ids) = serve_in_fresh_process(trained, tmp_path, [
+        ("serving_default", {"text": np.array([i["text"] for i in inputs], object),
+                             "choices": np.array([i["choices"] for i in inputs], object)}),
+        ("serve_token_ids", pairs)])
+    answers = trained.predict(inputs)
+    assert served["probabilities"].shape == (9, NUM_CHOICES)
+    assert served["choice_ids"].dtype == np.int32 and served["score"].dtype == np.float32
+    np.testing.assert_allclose(served["probabilities"], [a["probabilities"] for a in answers],
+                               rtol=0, atol=1e-5)
+    assert served["choice_ids"].tolist() == [a["label"] for a in answers]
+    assert [t.decode() for t in served["choice_text"]] == [a["choice"] for a in answers]
+    np.testing.assert_allclose(served["score"], [a["score"] for a in answers], rtol=0, atol=1e-5)
+    # One pair per row: an example's logits, softmaxed, are its probabilities.
+    assert set(from_ids) == {"logits"} and from_ids["logits"].shape == (8 * NUM_CHOICES,)
+    np.testing.assert_allclose(
+        tf.nn.softmax(from_ids["logits"].reshape(8, NUM_CHOICES)), served["probabilities"][:8],
+        rtol=0, atol=1e-5)
 
 
 def test_a_wrong_number_of_choices_fails_naming_the_field(trained):

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 import kerasllm
 from conftest import tiny_config
-from helpers import assert_keras_round_trip
+from helpers import assert_keras_round_trip, serve_in_fresh_process
 from kerasllm.data import build_dataset, split_heldout
 from kerasllm.evaluation import evaluate
 from kerasllm.jobs import complete_head_options
@@ -86,3 +86,30 @@ def test_label_scale_must_be_positive(tokenizer):
     with pytest.raises(kerasllm.ConfigError, match="head.options: invalid value for task "
                        "head 'regression': label_scale must be > 0, got 0.0"):
         kerasllm.build_model(config, tokenizer)
+
+
+def test_sentence_pairs_are_inferred_and_served_in_the_targets_units(tokenizer, tmp_path):
+    from kerasllm_plugins.regression import Regression
+
+    pairs = tf.data.Dataset.from_tensor_slices(
+        {"text": ["a", "b"], "text_pair": ["c", "d"], "label": [1.0, 3.0]})
+    assert Regression.infer_options(pairs, {}) == {
+        "pairs": True, "label_mean": 2.0, "label_scale": 1.0}
+    # Untrained, with targets far from 0 so that de-standardizing shows.
+    keras.utils.set_random_seed(0)
+    model = kerasllm.build_model(tiny_config(objectives=[], head={
+        "name": "regression", "options": {"label_mean": 30.0, "label_scale": 8.0,
+                                          "pairs": True}}), tokenizer)
+    # An untrained head predicts nearly the mean; a wider one spreads the
+    # predictions well beyond the 1e-5 they are compared to.
+    dense = model.get_head("regression").output_dense
+    dense.kernel.assign(np.random.default_rng(0).normal(size=dense.kernel.shape))
+    examples = [{"text": "The pass statement does nothing.", "text_pair": "It is a no-op."},
+                {"text": "", "text_pair": "only the second segment"},
+                {"text": "a long first text " * 20, "text_pair": "and a long second " * 20}]
+    request = {key: np.array([e[key] for e in examples], object) for key in examples[0]}
+    _, (served,) = serve_in_fresh_process(model, tmp_path, [("serving_default", request)])
+    assert set(served) == {"value"} and served["value"].dtype == np.float32
+    assert served["value"].shape == (3,)
+    np.testing.assert_allclose(served["value"], model.predict(examples), rtol=0, atol=1e-5)
+    assert np.ptp(served["value"]) > 0.01

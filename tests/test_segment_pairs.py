@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import SPECIAL_TOKENS, tiny_config
-from helpers import assert_keras_round_trip
+from helpers import assert_keras_round_trip, serve_in_fresh_process
 
 import kerasllm
 from kerasllm.data import build_dataset, split_heldout
@@ -263,6 +263,20 @@ def test_sop_trains(tokenizer, examples):
     before, after, _ = evaluate_after_training(model, examples, 50)
     assert after["sop_loss"] < before["sop_loss"], (before, after)
     assert abs(after["sop_loss"] - math.log(2)) < 0.01, (before, after)
+
+
+def test_bert_recipe_exports_the_embedding_and_mlm_fillers(tokenizer, tmp_path):
+    from kerasllm.task_inputs import pack_texts
+
+    model = pair_model(tokenizer, "nsp+mlm")  # untrained: it exports and serves
+    texts = ["The pass statement does nothing.", "", "a [MASK] is bound"]
+    _, (served,) = serve_in_fresh_process(model, tmp_path, [
+        ("serving_default", {"text": np.array(texts, object)})])
+    assert set(served) == {"embedding", "mask_positions", "filler_ids", "filler_tokens",
+                           "filler_probabilities"}  # nothing of nsp's
+    rows = pack_texts({"text": tf.constant(texts)}, tokenizer, 64)
+    pooled = model.backbone({key: rows[key] for key in model.backbone.input_keys})
+    np.testing.assert_allclose(served["embedding"], pooled["pooled_output"], rtol=0, atol=1e-5)
 
 
 def test_errors(tokenizer, word_tokenizer):
