@@ -46,7 +46,10 @@ class ServingModule(tf.Module):
         self.model_variables = [variable.value for variable in model.variables]
         self.tables = _resources([model.tokenizer, *model.heads])
         backbone = model.backbone
-        self._serving_heads = [head for head in model.heads if head.serving_inputs()]
+        # Plain attributes (tf.Module would track them): the SavedModel holds the
+        # signatures, variables and tables, not the Keras layers or the warm-ups.
+        object.__setattr__(self, "_serving_heads",
+                           [head for head in model.heads if head.serving_inputs()])
         # Generation is served where it is what the model learnt: a language-model
         # head, or none (an imported base checkpoint), not a fine-tuned classifier.
         self._generative = backbone.kind != "encoder" and _can_generate(model, generation) and (
@@ -60,7 +63,7 @@ class ServingModule(tf.Module):
             raise KerasLLMError(
                 "this model has nothing to serve: no head serves text and it can neither "
                 "embed (an encoder) nor generate")
-        self._signatures = {}
+        object.__setattr__(self, "_signatures", {})
         if self._serving_heads or self._embeds:
             specs = {"text": tf.TensorSpec([None], tf.string)} if self._embeds else {}
             for head in self._serving_heads:
@@ -211,7 +214,7 @@ class ServingModule(tf.Module):
                 for batch_size in (1, 3):
                     requests.append((signature, {key: _sample(key, spec, batch_size, rows)
                                                  for key, spec in specs.items()}))
-            self._warmups = requests
+            object.__setattr__(self, "_warmups", requests)
         return self._warmups
 
 
