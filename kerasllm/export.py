@@ -105,13 +105,18 @@ def _publish(staging, model_dir):
                 raise
 
 
+def read_saved_model(saved_model_dir):
+    """The SavedModel proto of ``saved_model_dir``: graphs, functions, signatures."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    return saved_model_pb2.SavedModel.FromString(
+        (pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
+
+
 def signature_summary(saved_model_dir):
     """The signatures of a SavedModel, one line per input and output:
     ``name dtype shape`` (-1: any size), as ``saved_model_cli show`` lists them."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel()
-    saved.ParseFromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    saved = read_saved_model(saved_model_dir)
     lines = []
     for name, signature in sorted(saved.meta_graphs[0].signature_def.items()):
         if name.startswith("__"):
@@ -163,10 +168,7 @@ def audit_ops(saved_model_dir):
     """Raise NonServableOpError naming every op in the SavedModel's graph (and
     its functions) that is neither a TensorFlow core op nor a tensorflow-text
     op, with the node and the layer (name scope) that produced it."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel()
-    saved.ParseFromString((pathlib.Path(saved_model_dir) / "saved_model.pb").read_bytes())
+    saved = read_saved_model(saved_model_dir)
     allowed = servable_ops()
     bad = {}
     for meta_graph in saved.meta_graphs:

@@ -19,6 +19,7 @@ from conftest import tiny_config
 from kerasllm.export import (
     NonServableOpError,
     export_savedmodel,
+    read_saved_model,
     read_warmup_requests,
     run_in_fresh_process,
     versions,
@@ -322,9 +323,7 @@ def test_generate_signature_matches_model_generate(name, generators):
     defaults = model.generate(cleaned(PROMPTS[:1]),
                               getattr(model.heads[0], "max_new_tokens", 32))
     assert [t.decode() for t in default["text"]] == defaults
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    saved = read_saved_model(path)
     compiled = [f.attr["_XlaMustCompile"].b for f in saved.meta_graphs[0].graph_def.library.function]
     assert any(compiled) == (GENERATORS[name][3] != "none")
 
@@ -340,9 +339,7 @@ def readme_rest_examples(kind):
 
 
 def signature_dtypes(path):
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    saved = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+    saved = read_saved_model(path)
     return {name: {key: tf.dtypes.as_dtype(info.dtype) for key, info in sig.inputs.items()}
             for name, sig in saved.meta_graphs[0].signature_def.items()}
 
