@@ -115,6 +115,11 @@ def _training_arguments(parser, config_help):
     parser.add_argument("--steps", type=_positive_int,
                         help="total optimizer steps (overrides training.steps)")
     parser.add_argument("--output", help="output folder (overrides training.output)")
+    from kerasllm.config import STRATEGIES
+
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="tf.distribute strategy (overrides training.strategy); "
+                             "multi_worker_mirrored reads the cluster from TF_CONFIG")
 
 
 def _positive_int(text):
@@ -130,7 +135,8 @@ def _positive_int(text):
 def _pretrain(args):
     from kerasllm.config import load_config
 
-    config = load_config(args.config)  # config mistakes surface before TensorFlow loads
+    # Config mistakes surface before TensorFlow loads.
+    config = _with_training(load_config(args.config), strategy=args.strategy)
     from kerasllm.jobs import pretrain
 
     _print_result(pretrain(config, steps=args.steps, output=args.output))
@@ -139,16 +145,23 @@ def _pretrain(args):
 def _finetune(args):
     from kerasllm.config import load_config
 
-    config = load_config(args.config)
-    if args.initialize_from:
-        config = load_config({**config.to_dict(), "training": {
-            **config.to_dict()["training"], "initialize_from": args.initialize_from}})
+    config = _with_training(load_config(args.config), strategy=args.strategy,
+                            initialize_from=args.initialize_from)
     from kerasllm.jobs import finetune
 
     result = finetune(config, steps=args.steps, output=args.output)
     _print_result(result)
     print()
     _print_metrics(result["task_metrics"])
+
+
+def _with_training(config, **values):
+    """``config`` with the ``training`` keys the command line sets."""
+    from kerasllm.config import load_config
+
+    values = {key: value for key, value in values.items() if value is not None}
+    config = config.to_dict()
+    return load_config({**config, "training": {**config["training"], **values}})
 
 
 def _evaluate(args):

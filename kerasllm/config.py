@@ -20,6 +20,7 @@ from kerasllm.presets import family_preset
 
 
 LORA_TARGETS = ("query", "key", "value", "output")
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
 
 
 @dataclasses.dataclass
@@ -217,10 +218,22 @@ class TrainingConfig:
     initialize_from: Optional[str] = None
     freeze_embeddings: bool = False  # input tables and their norm, not an untied output
     freeze_layers: int = 0  # the first k blocks (encoder–decoders: of each stack)
+    # tf.distribute (kerasllm.distribute): auto picks TPU, multi-worker (TF_CONFIG),
+    # mirrored (several GPUs) or one device. data.batch_size is the global batch.
+    strategy: Literal[STRATEGIES] = "auto"
+    devices: Optional[list[str]] = None  # one_device / mirrored; default: every GPU
+    tpu: Optional[str] = None  # the TPU's name or grpc:// address; default: $TPU_NAME
+    # Compute dtype; variables, softmax, norms and losses stay float32.
+    # mixed_float16 scales the loss dynamically.
+    precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
+    # Each step's batch in this many micro-batches, one after another; one update.
+    gradient_accumulation_steps: int = 1
 
     def validate(self, where):
         _positive(self, where, "steps", "steps_per_epoch", "checkpoint_every",
-                  "keep_checkpoints", "learning_rate")
+                  "keep_checkpoints", "learning_rate", "gradient_accumulation_steps")
+        if self.devices == []:
+            raise ConfigError(f"{where}.devices is empty; omit it to use every GPU")
         _at_least(self, where, 0, "warmup_steps", "end_learning_rate", "weight_decay",
                   "clipnorm", "freeze_layers")
         if self.steps % self.steps_per_epoch:

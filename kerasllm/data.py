@@ -93,7 +93,9 @@ def build_dataset(model, examples, batch_size, sequence_length, *, shuffle_buffe
         # Task heads sharing a data source share the first one's rows.
         rows = task_rows(model, heads[0], examples, sequence_length)
     if shuffle_buffer:
-        rows = rows.shuffle(shuffle_buffer, seed=seed)
+        # The same order from every iterator: Keras iterates once to build the
+        # model under a distribution strategy before fit iterates again.
+        rows = rows.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
     # Fields a head keeps for decoding (word offsets, ...) vary in length: ragged.
     batches = rows.batch(batch_size) if pretraining else rows.ragged_batch(batch_size)
     # Each batch's seed is (seed, batch index): a run resumed with
@@ -254,7 +256,9 @@ def mix(model, task_batches, rates, seed=0):
             size = tf.shape(x["token_ids"])[0]
             x = {**{key: _zeros(spec, size) for key, spec in x_spec.items()}, **x}
             y = {**tf.nest.map_structure(lambda spec: _zeros(spec, size), y_spec), **y}
-            return x, {**y, HEADS_PRESENT: present}
+            # One row per example, like every other field, so that splitting a
+            # batch across replicas or into micro-batches keeps it whole.
+            return x, {**y, HEADS_PRESENT: tf.tile(present[None], [size, 1])}
         return fill
 
     completed = [batches.map(complete(heads)) for heads, batches in task_batches]

@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 
+from kerasllm.distribute import loss_denominator
+
 
 class Head(keras.layers.Layer):
     """A head: what it adds to the model, its data transform, its loss and metrics.
@@ -207,9 +209,10 @@ def weighted_cross_entropy(labels, logits, weights):
 
 def weighted_mean(values, weights):
     """``sum(values * weights) / sum(weights)``; 0 when every weight is 0 (a batch
-    with nothing to count)."""
+    with nothing to count). Under a distribution strategy, a loss's sums are
+    over the global batch (:func:`kerasllm.distribute.loss_denominator`)."""
     weights = tf.cast(weights, values.dtype)
-    return tf.reduce_sum(values * weights) / tf.maximum(tf.reduce_sum(weights), 1.0)
+    return tf.reduce_sum(values * weights) / loss_denominator(tf.reduce_sum(weights))
 
 
 class SequenceLevelHead(Head):

@@ -1,6 +1,7 @@
 """Jobs the CLI runs: pretraining and fine-tuning from a config, resumable, with
 held-out evaluation; evaluating a trained model."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -9,6 +10,7 @@ import shutil
 import sys
 
 import keras
+import tensorflow as tf
 
 from kerasllm.builder import (
     adopt_architecture,
@@ -28,9 +30,17 @@ from kerasllm.data import (
     padding_fraction,
     split_heldout,
 )
+from kerasllm.distribute import (
+    describe,
+    distribute_batches,
+    is_chief,
+    make_strategy,
+    replica_batch_size,
+    replicas_per_pipeline,
+)
 from kerasllm.errors import ConfigError
 from kerasllm.plugins import get_registry
-from kerasllm.training import CheckpointEvery, CheckpointManager
+from kerasllm.training import CheckpointEvery, CheckpointManager, StopOnNonFiniteLoss
 
 TOKENIZER_FOLDER = "tokenizer"
 
@@ -84,8 +94,7 @@ def evaluate(config, *, model=None, output_json=None, log=print):
     model = load_model(path)
     registry = get_registry()
     sources, splits = _sources(config, registry)
-    task_heads = [[model.get_head(head.name) for _, head, _ in entries]
-                  for _, entries in config.tasks]
+    task_heads = _task_heads(model, config)
     metrics = model.evaluate(_eval_batches(model, config, task_heads, splits), verbose=0,
                              return_dict=True)
     metrics.update(_task_metrics(model, task_heads, splits))
@@ -112,6 +121,9 @@ def _train(config, callbacks, verbose, log):
     if verbose == "auto":  # a progress bar on terminals, a line per epoch in logs
         verbose = 1 if sys.stdout.isatty() else 2
     training = config.training
+    # First: a multi-worker strategy must exist before TensorFlow runs any op.
+    strategy = make_strategy(training.strategy, training.devices, training.tpu)
+    chief = is_chief(strategy)  # the one worker that writes files
     registry = get_registry()
     check_plugins(config, registry)  # a typo fails now, not after tokenizer training
     output = pathlib.Path(training.output)
@@ -126,28 +138,30 @@ def _train(config, callbacks, verbose, log):
         config = adopt_architecture(config, initial)
         tokenizer = initial.tokenizer
     else:
-        tokenizer = _tokenizer(config, registry, splits[0][0], output)
+        tokenizer = _tokenizer(config, registry, splits[0][0], output, write=chief)
     config = complete_head_options(config, registry, splits)
-    model = build_model(config, tokenizer, registry=registry)
-    if initial is not None:
-        copy_backbone_weights(initial, model)
-        log(f"Initialized the backbone from {training.initialize_from}")
-        del initial
+    replica_batch_size(strategy, data.batch_size, training.gradient_accumulation_steps)
+    log(describe(strategy, data.batch_size, training.gradient_accumulation_steps))
+    checkpoints = CheckpointManager(output / "checkpoints", training.keep_checkpoints)
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        model = build_model(config, tokenizer, registry=registry)
+        if initial is not None:
+            copy_backbone_weights(initial, model)
+            log(f"Initialized the backbone from {training.initialize_from}")
+            del initial
+        step = checkpoints.restore(model)
     if not model.is_pretraining:
         from kerasllm.lora import count_parameters
 
         counts = count_parameters(model)
         log(f"Parameters: {counts['trainable']:,} trainable of {counts['total']:,} "
             f"({counts['trainable'] / counts['total']:.2%})")
-    checkpoints = CheckpointManager(output / "checkpoints", training.keep_checkpoints)
-    step = checkpoints.restore(model)
     if step:
         log(f"Resuming from step {step} ({checkpoints.latest()})")
     if step >= training.steps:
         log(f"Already trained for {step} steps (training.steps is {training.steps})")
 
-    task_heads = [[model.get_head(head.name) for _, head, _ in entries]
-                  for _, entries in config.tasks]
+    task_heads = _task_heads(model, config)
     rates = None
     if len(sources) > 1:
         sizes = [source_config.size if source_config and source_config.size else
@@ -158,11 +172,10 @@ def _train(config, callbacks, verbose, log):
             f"{'+'.join(head.name for head in heads)} {rate:.1%} ({size} examples)"
             for heads, rate, size in zip(task_heads, rates, sizes)))
 
-    train_batches = mix(model, [
-        (heads, _batches(model, config, heads, training_examples,
-                         shuffle_buffer=data.shuffle_buffer, seed=training.seed, repeat=True))
-        for heads, (training_examples, _) in zip(task_heads, splits)
-    ], rates or [1.0], seed=training.seed).skip(step)  # the batches already trained on
+    train_batches = distribute_batches(
+        strategy, lambda rows, context: training_batches(
+            model, config, splits, rates, batch_size=rows, input_context=context, step=step),
+        data.batch_size)
     eval_batches = _eval_batches(model, config, task_heads, splits)
     log(f"Held-out padding: {padding_fraction(eval_batches):.1%} of positions")
 
@@ -175,8 +188,9 @@ def _train(config, callbacks, verbose, log):
         steps_per_epoch=training.steps_per_epoch,
         shuffle=False,  # the pipeline shuffles, with the run's seed
         callbacks=[
-            CheckpointEvery(checkpoints, training.checkpoint_every, training.steps),
-            keras.callbacks.TensorBoard(output / "logs"),
+            StopOnNonFiniteLoss(checkpoints),
+            CheckpointEvery(checkpoints, training.checkpoint_every, training.steps, write=chief),
+            *([keras.callbacks.TensorBoard(output / "logs")] if chief else []),
             *callbacks,
         ],
         verbose=verbose,
@@ -192,7 +206,10 @@ def _train(config, callbacks, verbose, log):
     if not model.is_pretraining:
         result["task_metrics"] = _task_metrics(model, task_heads, splits)
         log(f"Held-out task metrics: {_format(result['task_metrics'])}")
-        write_json(output / METRICS_FILE, {**end, **result["task_metrics"]})
+        if chief:
+            write_json(output / METRICS_FILE, {**end, **result["task_metrics"]})
+    if not chief:
+        return result
     model.save(output / "model.keras")
     log(f"Saved {output / 'model.keras'}")
     if config.model.lora:
@@ -212,9 +229,32 @@ def _sources(config, registry):
     return sources, splits
 
 
-def _batches(model, config, heads, examples, **options):
+def training_batches(model, config, splits, rates=None, *, batch_size=None,
+                     input_context=None, step=0):
+    """One input pipeline's training batches, as ``fit`` draws them, from
+    optimizer step ``step`` on: ``batch_size`` rows each (default
+    ``data.batch_size``), from its ``input_context``'s shard of the examples.
+
+    ``splits``: each task's (training, held-out) examples; ``rates``: the
+    tasks' mixing rates (None: one task). A pipeline feeding ``n`` replicas
+    yields ``n`` batches per step, so it skips ``n * step`` to resume there.
+    """
+    data, training = config.data, config.training
+    return mix(model, [
+        (heads, _batches(model, config, heads, training_examples, batch_size=batch_size,
+                         shuffle_buffer=data.shuffle_buffer, seed=training.seed, repeat=True,
+                         input_context=input_context))
+        for heads, (training_examples, _) in zip(_task_heads(model, config), splits)
+    ], rates or [1.0], seed=training.seed).skip(step * replicas_per_pipeline(input_context))
+
+
+def _task_heads(model, config):
+    return [[model.get_head(head.name) for _, head, _ in entries] for _, entries in config.tasks]
+
+
+def _batches(model, config, heads, examples, batch_size=None, **options):
     data = config.data
-    return build_dataset(model, examples, data.batch_size, data.sequence_length,
+    return build_dataset(model, examples, batch_size or data.batch_size, data.sequence_length,
                          packing=data.packing, heads=heads, **options)
 
 
@@ -223,12 +263,17 @@ def _eval_batches(model, config, task_heads, splits):
     # objectives draw their negatives within a batch); cached so that the
     # evaluations before and after see the same batches.
     data = config.data
-    return mix(model, [
+    batches = mix(model, [
         (heads, _batches(model, config, heads, heldout_examples,
                          shuffle_buffer=data.shuffle_buffer,
                          seed=config.training.seed).take(data.eval_batches))
         for heads, (_, heldout_examples) in zip(task_heads, splits)
     ], None).cache()
+    # Across workers, each evaluates its share of every batch: the examples come
+    # from a file only some workers would get with file-based sharding.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return batches.with_options(options)
 
 
 def _task_metrics(model, task_heads, splits):
@@ -277,9 +322,11 @@ def write_json(path, values):
     os.replace(partial, path)
 
 
-def _tokenizer(config, registry, examples, output):
+def _tokenizer(config, registry, examples, output, write=True):
     """The configured vocabulary, the run's saved one when resuming, or a new one
-    (trained, then saved for a resumed run to tokenize identically)."""
+    (trained, then saved for a resumed run to tokenize identically; by the chief
+    alone in a cluster, where every worker trains the same one on the same
+    examples)."""
     saved = output / TOKENIZER_FOLDER
     if config.tokenizer.vocabulary:
         return build_tokenizer(config, registry)
@@ -288,6 +335,8 @@ def _tokenizer(config, registry, examples, output):
             **config.to_dict()["tokenizer"], "vocabulary": str(saved), "options": {}}}),
             registry)
     tokenizer = build_tokenizer(config, registry, examples)
+    if not write:
+        return tokenizer
     factory = registry.get("tokenizer", config.tokenizer.name, "tokenizer.name")
     staging = output / f".{TOKENIZER_FOLDER}.tmp"
     shutil.rmtree(staging, ignore_errors=True)

@@ -1,11 +1,15 @@
 """The model ``build_model`` returns: tokenizer, backbone and heads in one ``keras.Model``."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
 from kerasllm.backbone import Backbone
 from kerasllm.config import load_config
+from kerasllm.distribute import global_batch_losses
 from kerasllm.errors import ConfigError
+from kerasllm.keras_workarounds import MultiWorkerWorkarounds
 from kerasllm.lora import apply_freezing
 
 # The targets key of a multi-task batch: which heads it is for (1.0) or not (0.0).
@@ -13,7 +17,7 @@ HEADS_PRESENT = "heads_present"
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
-class KerasLLMModel(keras.Model):
+class KerasLLMModel(MultiWorkerWorkarounds, keras.Model):
     """A backbone with pretraining objectives or a task head, trained with ``fit``.
 
     Built by :func:`kerasllm.build_model` from a config. ``call`` returns a dict
@@ -29,10 +33,15 @@ class KerasLLMModel(keras.Model):
 
     def __init__(self, config, tokenizer, registry=None, **kwargs):
         super().__init__(**kwargs)
-        from kerasllm.builder import make_head  # the builder imports this module
-
         self.config = load_config(config)
         self.tokenizer = tokenizer
+        with dtype_policy(self.config.training.precision):
+            self._build_layers(tokenizer, registry)
+        apply_freezing(self)
+
+    def _build_layers(self, tokenizer, registry):
+        from kerasllm.builder import make_head  # the builder imports this module
+
         model_config = self.config.to_dict()["model"]
         del model_config["family"]
         size = model_config["vocabulary_size"] or tokenizer.vocabulary_size()
@@ -69,7 +78,6 @@ class KerasLLMModel(keras.Model):
         for head in self.heads:
             head.build((None, None, self.backbone.hidden_dim))
         self.built = True
-        apply_freezing(self)
 
     def get_head(self, name):
         """The objective or task head called ``name`` in the config."""
@@ -102,7 +110,12 @@ class KerasLLMModel(keras.Model):
         )
         if not self.heads:
             return backbone_outputs
-        return {head.name: head(backbone_outputs, inputs, training=training) for head in self.heads}
+        predictions = {head.name: head(backbone_outputs, inputs, training=training)
+                       for head in self.heads}
+        # Losses, metrics and answers in float32 whatever the compute dtype.
+        return keras.tree.map_structure(
+            lambda value: tf.cast(value, tf.float32) if value.dtype.is_floating else value,
+            predictions)
 
     def generate(self, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top_p=1.0,
                  seed=None, stop_token_ids=None):
@@ -174,15 +187,45 @@ class KerasLLMModel(keras.Model):
                 "head={...}))")
         # Kept for compute_metrics, which runs later in the same step: Keras also
         # calls compute_loss in a symbolic build pass, so no tracker updates here.
-        self._head_losses = [
-            head.compute_loss(y[head.name], y_pred[head.name]) for head in self.heads
-        ]
+        with global_batch_losses():
+            self._head_losses = [
+                head.compute_loss(y[head.name], y_pred[head.name]) for head in self.heads
+            ]
         self._present = self._heads_present(y)
         total = sum(weight * present * loss for weight, present, loss in
                     zip(self.head_weights, self._present, self._head_losses))
         # Each replica's gradients are summed across replicas: scale so the sum is
         # the mean (as Keras' own losses do in `scale_loss_for_distribution`).
         return total / tf.distribute.get_strategy().num_replicas_in_sync
+
+    def train_step(self, data):
+        """Keras' step; with ``training.gradient_accumulation_steps`` K > 1, the
+        batch in K micro-batches, one after another, and one update with the sum
+        of their gradients: the update of one step on the whole batch, in a
+        K-th of the activation memory."""
+        steps = self.config.training.gradient_accumulation_steps
+        if steps == 1:
+            return super().train_step(data)
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+        weights = self.trainable_weights
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        total = None
+        for micro_x, micro_y in _micro_batches(x, y, steps):
+            # Each micro-batch waits for the previous one's gradients, so that
+            # only one micro-batch's activations are alive at a time.
+            with tf.control_dependencies(total or []), tf.GradientTape() as tape:
+                y_pred = self(micro_x, training=True)
+                loss = self.compute_loss(micro_x, micro_y, y_pred, training=True) / steps
+                # Keras' loss: per replica, before the division for summing.
+                self._loss_tracker.update_state(
+                    loss * steps * replicas, sample_weight=tf.shape(micro_x["token_ids"])[0])
+                scaled = self.optimizer.scale_loss(loss)
+            gradients = tape.gradient(scaled, weights)
+            total = gradients if total is None else [
+                _add_gradients(a, b) for a, b in zip(total, gradients, strict=True)]
+            self.compute_metrics(micro_x, micro_y, y_pred)
+        self.optimizer.apply_gradients(zip(total, weights))
+        return self.get_metrics_result()
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         # Weighted by batch size like Keras' own `loss`: evaluation can end on an
@@ -200,8 +243,9 @@ class KerasLLMModel(keras.Model):
 
     def _heads_present(self, y):
         """Per head, 1.0 if this batch is for it; multi-task batches say which."""
-        if HEADS_PRESENT in y:
-            return tf.unstack(tf.cast(y[HEADS_PRESENT], tf.float32))
+        if HEADS_PRESENT in y:  # (rows, heads), every row the same; 0 for no rows
+            present = tf.reduce_max(tf.cast(y[HEADS_PRESENT], tf.float32), axis=0)
+            return tf.unstack(tf.maximum(present, 0.0), num=len(self.heads))
         return [1.0] * len(self.heads)
 
     def get_config(self):
@@ -223,6 +267,39 @@ class KerasLLMModel(keras.Model):
         config = dict(config)
         tokenizer = keras.saving.deserialize_keras_object(config.pop("tokenizer"))
         return cls(tokenizer=tokenizer, **config)
+
+
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Layers created inside compute in ``name``'s dtype (``mixed_bfloat16``:
+    bfloat16 compute, float32 variables); Keras' norms compute in float32."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _micro_batches(x, y, steps):
+    """``steps`` equal slices of a batch along its rows (dense or ragged)."""
+    rows = tf.shape(x["token_ids"])[0]
+    tf.debugging.assert_equal(
+        rows % steps, 0,
+        message=f"a batch's rows must split into gradient_accumulation_steps ({steps}) "
+                "equal micro-batches")
+    size = rows // steps
+    for index in range(steps):
+        yield keras.tree.map_structure(
+            lambda value, index=index: value[index * size:(index + 1) * size], (x, y))
+
+
+def _add_gradients(a, b):
+    """Sum two gradients; sparse ones (embedding lookups) stay sparse."""
+    if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.concat([a.values, b.values], 0),
+                                tf.concat([a.indices, b.indices], 0), a.dense_shape)
+    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
 
 
 def _is_raw_text(x):

@@ -1,12 +1,16 @@
 """Optimizer, learning-rate schedule and atomic checkpoints for ``model.fit``."""
 
 import json
+import math
 import os
 import pathlib
 import shutil
 import tempfile
 
 import keras
+
+from kerasllm.errors import KerasLLMError
+from kerasllm.keras_workarounds import ClipAfterAllReduce
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
@@ -33,10 +37,15 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "end": self.end}
 
 
+@keras.saving.register_keras_serializable(package="kerasllm")
+class AdamW(ClipAfterAllReduce, keras.optimizers.AdamW):
+    """Keras' AdamW, clipping gradients as one device would under any strategy."""
+
+
 def make_optimizer(training):
     """AdamW with warm-up and linear decay, global-norm clipping, and no weight
     decay on biases, layer-norm parameters or embeddings' layer norms."""
-    optimizer = keras.optimizers.AdamW(
+    optimizer = AdamW(
         learning_rate=WarmupLinearDecay(
             training.learning_rate, training.warmup_steps, training.steps,
             training.end_learning_rate,
@@ -45,6 +54,10 @@ def make_optimizer(training):
         global_clipnorm=training.clipnorm or None,
     )
     optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    if training.precision == "mixed_float16":
+        # float16 gradients underflow: scale the loss up, skip a step whose
+        # gradients overflow, and adjust the scale as training goes.
+        return keras.optimizers.LossScaleOptimizer(optimizer)
     return optimizer
 
 
@@ -115,18 +128,50 @@ class CheckpointManager:
 
 
 class CheckpointEvery(keras.callbacks.Callback):
-    """Save a checkpoint at the end of every epoch whose step is a multiple of ``every``."""
+    """Save a checkpoint at the end of every epoch whose step is a multiple of
+    ``every``. ``write``: False on the workers of a cluster that only follow the
+    chief (they compute the same weights)."""
 
-    def __init__(self, manager, every, last_step):
+    def __init__(self, manager, every, last_step, write=True):
         super().__init__()
         self.manager = manager
         self.every = every
         self.last_step = last_step
+        self.write = write
 
     def on_epoch_end(self, epoch, logs=None):
         step = int(self.model.optimizer.iterations.numpy())
-        if step % self.every == 0 or step == self.last_step:
+        if self.write and (step % self.every == 0 or step == self.last_step):
             self.manager.save(self.model, step)
+
+
+class NonFiniteLossError(KerasLLMError):
+    """Training produced a NaN or infinite loss."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop at the first step whose loss is NaN or infinite, before anything
+    saves that step's weights: the checkpoints keep the last good state.
+
+    Keras' running mean of the loss turns non-finite at the first bad step and
+    stays so, which names that step."""
+
+    def __init__(self, manager=None):
+        super().__init__()
+        self.manager = manager
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if math.isfinite(loss):
+            return
+        step = int(self.model.optimizer.iterations.numpy())
+        latest = self.manager.latest() if self.manager else None
+        kept = f"the latest checkpoint, {latest}, is intact" if latest else \
+            "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"the loss became {loss} at step {step}; training stopped and this step's "
+            f"weights were not saved ({kept}). Lower training.learning_rate, keep "
+            "training.clipnorm on, or train in float32 (training.precision)")
 
 
 def _build_optimizer(model):
