@@ -103,14 +103,17 @@ def replica_batch_size(strategy, batch_size, accumulation_steps=1):
 
 
 def describe(strategy, batch_size, accumulation_steps=1):
-    """One line of batch arithmetic for the log."""
+    """One line of batch arithmetic for the log; the batch must split evenly."""
+    per_replica = replica_batch_size(strategy, batch_size, accumulation_steps)
     replicas = _replicas(strategy)
     workers = strategy.extended._num_workers if strategy and in_multi_worker_mode(strategy) \
         else 1
-    per_replica = batch_size // replicas
-    line = (f"Strategy {strategy_name(strategy)}: {workers} worker(s), {replicas} replica(s) "
-            "in sync; "
-            f"global batch {batch_size} = {replicas} x {per_replica} rows per replica")
+    if strategy is None:
+        line = f"No distribution strategy (one device): batch {batch_size}"
+    else:
+        line = (f"Strategy {strategy_name(strategy)}: {workers} worker(s), {replicas} "
+                f"replica(s) in sync; global batch {batch_size} = {replicas} x {per_replica} "
+                "rows per replica")
     if accumulation_steps > 1:
         line += (f", each in {accumulation_steps} micro-batches of "
                  f"{per_replica // accumulation_steps}")
@@ -125,7 +128,7 @@ def strategy_name(strategy):
                        ("tpu", tf.distribute.TPUStrategy)):
         if isinstance(strategy, kind):
             return name
-    return "none (one device)"
+    return type(strategy).__name__
 
 
 def distribute_batches(strategy, make_batches, batch_size):

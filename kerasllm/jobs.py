@@ -35,7 +35,6 @@ from kerasllm.distribute import (
     distribute_batches,
     is_chief,
     make_strategy,
-    replica_batch_size,
     replicas_per_pipeline,
 )
 from kerasllm.errors import ConfigError
@@ -111,7 +110,7 @@ LORA_FILE = "lora.weights.npz"
 
 def _with_overrides(config, steps, output):
     config = load_config(config)
-    overrides = {"steps": steps, "output": output}
+    overrides = {"steps": steps, "output": None if output is None else str(output)}
     training = dataclasses.replace(
         config.training, **{k: v for k, v in overrides.items() if v is not None})
     return load_config({**config.to_dict(), "training": dataclasses.asdict(training)})
@@ -140,7 +139,6 @@ def _train(config, callbacks, verbose, log):
     else:
         tokenizer = _tokenizer(config, registry, splits[0][0], output, write=chief)
     config = complete_head_options(config, registry, splits)
-    replica_batch_size(strategy, data.batch_size, training.gradient_accumulation_steps)
     log(describe(strategy, data.batch_size, training.gradient_accumulation_steps))
     checkpoints = CheckpointManager(output / "checkpoints", training.keep_checkpoints)
     with strategy.scope() if strategy else contextlib.nullcontext():
