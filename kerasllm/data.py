@@ -93,9 +93,7 @@ def build_dataset(model, examples, batch_size, sequence_length, *, shuffle_buffe
         # Task heads sharing a data source share the first one's rows.
         rows = task_rows(model, heads[0], examples, sequence_length)
     if shuffle_buffer:
-        # The same order from every iterator: Keras iterates once to build the
-        # model under a distribution strategy before fit iterates again.
-        rows = rows.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
+        rows = rows.shuffle(shuffle_buffer, seed=seed)
     # Fields a head keeps for decoding (word offsets, ...) vary in length: ragged.
     batches = rows.batch(batch_size) if pretraining else rows.ragged_batch(batch_size)
     # Each batch's seed is (seed, batch index): a run resumed with

@@ -52,7 +52,10 @@ def pretrain(config, *, steps=None, output=None, callbacks=(), verbose="auto", l
     atomic), ``logs/`` (TensorBoard) and ``model.keras`` at the end. Returns
     ``{"start": metrics, "end": metrics, "step": int, "output": path}`` with
     the held-out metrics before and after this run's training. ``callbacks``
-    are passed to ``fit`` after kerasllm's own (checkpoints, TensorBoard).
+    are passed to ``fit`` after kerasllm's own (the non-finite loss guard,
+    checkpoints, TensorBoard). Under ``training.strategy`` the model trains
+    inside the strategy's scope, each worker on its shard of the examples, and
+    only the chief writes files (:mod:`kerasllm.distribute`).
     """
     config = _with_overrides(config, steps, output)
     if not config.objectives:

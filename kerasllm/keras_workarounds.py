@@ -8,7 +8,11 @@ workers, and clips gradients wrongly with several replicas
    with ``strategy.reduce("MEAN", batch, axis=None)``; under multi-worker
    collectives that reduces the whole nest at once and fails with "Attempt to
    convert a value (PerReplica ...) ... to a Tensor". The build needs only the
-   batch's shapes and dtypes, which any one replica's part has.
+   batch's shapes and dtypes, which any one replica's part has. It also draws
+   that batch under any strategy when nothing needs it (a kerasllm model is
+   built when made, leaving only the optimizer): the input pipeline is then
+   started twice, and a dataset that reshuffles on each start gives ``fit`` a
+   different order of batches than on one device.
 2. ``reduce_per_replica`` reduces each step's logs with
    ``strategy.reduce("MEAN", value, axis=0)``, which fails for the scalar logs
    every step returns: "Invalid reduction dimension 0 for input with 0
@@ -22,8 +26,8 @@ workers, and clips gradients wrongly with several replicas
 Each is a mixin; :class:`MultiWorkerWorkarounds`, a base of
 :class:`kerasllm.KerasLLMModel`, combines the first two, and
 :class:`ClipAfterAllReduce` is a base of kerasllm's optimizer. When the test reports that
-Keras no longer needs one, delete it here; when it needs neither, delete this
-module and the base class.
+Keras no longer needs one, delete it here; when it needs none, delete this
+module and the base classes.
 """
 
 import tensorflow as tf
@@ -36,11 +40,14 @@ def in_multi_worker_mode(strategy):
 
 
 class SymbolicBuildWorkaround:
-    """Workaround 1: build from one replica's part of the first batch."""
+    """Workaround 1: build from one replica's part of the first batch, and draw
+    no batch when nothing needs one."""
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         strategy = self.distribute_strategy
-        if iterator is not None and in_multi_worker_mode(strategy):
+        if iterator is not None and not self._needs_a_batch_to_build():
+            iterator = None  # the optimizer alone is left to build
+        elif iterator is not None and in_multi_worker_mode(strategy):
             for _, _, batches in iterator:
                 data_batch = tree.map_structure(
                     lambda value: strategy.experimental_local_results(value)[0]
@@ -49,6 +56,11 @@ class SymbolicBuildWorkaround:
                 break
             iterator = None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _needs_a_batch_to_build(self):
+        unbuilt = [getattr(self, name, None) for name in ("_compile_metrics", "_compile_loss")]
+        return not all(layer.built for layer in self._flatten_layers()) or \
+            any(part is not None and not part.built for part in unbuilt)
 
 
 class ScalarLogsWorkaround:

@@ -201,8 +201,9 @@ class KerasLLMModel(MultiWorkerWorkarounds, keras.Model):
     def train_step(self, data):
         """Keras' step; with ``training.gradient_accumulation_steps`` K > 1, the
         batch in K micro-batches, one after another, and one update with the sum
-        of their gradients: the update of one step on the whole batch, in a
-        K-th of the activation memory."""
+        of their gradients, in a K-th of the activation memory. For losses
+        averaged per example that is the update of one step on the whole batch;
+        a token-averaged loss weights each micro-batch's mean equally."""
         steps = self.config.training.gradient_accumulation_steps
         if steps == 1:
             return super().train_step(data)
@@ -213,7 +214,8 @@ class KerasLLMModel(MultiWorkerWorkarounds, keras.Model):
         for micro_x, micro_y in _micro_batches(x, y, steps):
             # Each micro-batch waits for the previous one's gradients, so that
             # only one micro-batch's activations are alive at a time.
-            with tf.control_dependencies(total or []), tf.GradientTape() as tape:
+            previous = [gradient for gradient in total or [] if gradient is not None]
+            with tf.control_dependencies(previous), tf.GradientTape() as tape:
                 y_pred = self(micro_x, training=True)
                 loss = self.compute_loss(micro_x, micro_y, y_pred, training=True) / steps
                 # Keras' loss: per replica, before the division for summing.
@@ -295,7 +297,10 @@ def _micro_batches(x, y, steps):
 
 
 def _add_gradients(a, b):
-    """Sum two gradients; sparse ones (embedding lookups) stay sparse."""
+    """Sum two gradients; sparse ones (embedding lookups) stay sparse, and None
+    (a weight this loss does not use) stays None."""
+    if a is None or b is None:
+        return b if a is None else a
     if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
         return tf.IndexedSlices(tf.concat([a.values, b.values], 0),
                                 tf.concat([a.indices, b.indices], 0), a.dense_shape)
