@@ -26,8 +26,9 @@ def make_strategy(name, devices=None, tpu=None):
 
     ``auto``: TPUStrategy when ``tpu`` (or ``TPU_NAME``) names a TPU,
     MultiWorkerMirroredStrategy when ``TF_CONFIG`` lists several tasks,
-    MirroredStrategy over several GPUs, else None: no strategy, one device. ``devices``: for ``one_device`` (the first) and
-    ``mirrored`` (all), e.g. ``["GPU:0", "GPU:1"]``; default: every GPU, or the CPU.
+    MirroredStrategy over several GPUs, else None: no strategy, one device.
+    ``devices``: for ``one_device`` (the first) and ``mirrored`` (all), e.g.
+    ``["GPU:0", "GPU:1"]``; default: every GPU, or the CPU.
 
     MultiWorkerMirroredStrategy must be created before TensorFlow runs any op:
     make the strategy first thing in a program.
@@ -94,11 +95,12 @@ def is_chief(strategy):
 def replica_batch_size(strategy, batch_size, accumulation_steps=1):
     """Rows per replica per step; the global batch must split evenly."""
     replicas = _replicas(strategy)
-    if batch_size % (replicas * accumulation_steps):
+    split = replicas * accumulation_steps
+    if batch_size % split:
         raise ConfigError(
             f"data.batch_size ({batch_size}) is the global batch: it must be a multiple of "
             f"the {replicas} replica(s) in sync times training.gradient_accumulation_steps "
-            f"({accumulation_steps}); try {replicas * accumulation_steps * max(1, round(batch_size / (replicas * accumulation_steps)))}")
+            f"({accumulation_steps}); try {split * max(1, round(batch_size / split))}")
     return batch_size // replicas
 
 
@@ -136,9 +138,8 @@ def distribute_batches(strategy, make_batches, batch_size):
 
     ``make_batches(rows, input_context)`` returns one input pipeline's dataset
     of ``rows``-row batches, sharded by ``input_context`` (None without a
-    strategy):
-    each replica takes its own batch, so a pipeline feeding ``n`` replicas
-    yields ``n`` batches per step, in replica order.
+    strategy): each replica takes its own batch, so a pipeline feeding ``n``
+    replicas yields ``n`` batches per step, in replica order.
     """
     if strategy is None:
         return make_batches(batch_size, None)

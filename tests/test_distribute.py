@@ -128,8 +128,9 @@ UPSTREAM_SCRIPT = textwrap.dedent("""
     report = {}
     for name, (mixins, optimizer) in variants.items():
         with strategy.scope():
-            model = type(name, (*mixins, keras.Sequential), {})(
-                [keras.Input((3,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+            model = type(name, (*mixins, keras.Sequential), {})([
+                keras.Input((3,)),
+                keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
             model.compile(optimizer=optimizer(1.0, global_clipnorm=0.1), loss="mse")
         try:
             model.fit(batches, steps_per_epoch=1, verbose=0)
