@@ -23,6 +23,20 @@ TINY_CONFIG = {
 }
 
 
+# The files that take minutes (fresh processes, clusters of workers), collected
+# first: pytest-xdist's --dist loadfile hands files out in collection order, and a
+# long file handed out last keeps one worker busy while the other idles.
+SLOW_FILES = ("test_export.py", "test_training.py", "test_distribute.py", "test_finetune.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 def tiny_config(**sections):
     """TINY_CONFIG with whole sections replaced or merged: tiny_config(model={"kind": ...})."""
     config = copy.deepcopy(TINY_CONFIG)

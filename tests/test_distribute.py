@@ -29,26 +29,19 @@ tf.config.set_logical_device_configuration(
     tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 """
 
-# The command line under MirroredStrategy over both CPUs.
-MIRRORED_SCRIPT = TWO_CPUS + textwrap.dedent("""
-    import json, sys
-    from kerasllm.cli import main
-    from kerasllm.layers import attention_core
-
-    code = main(sys.argv[1:])
-    print(json.dumps({"code": code, "xla_traces": attention_core.experimental_get_tracing_count()}))
-""")
-
 # One device trained on the global batches MirroredStrategy over two replicas and a
-# two-worker cluster see. (A process of its own: after a MirroredStrategy job in
-# the same process, this took ten times longer.)
-REFERENCE_SCRIPT = textwrap.dedent("""
-    import sys
-    import keras, numpy as np, tensorflow as tf
+# two-worker cluster see; then the command line under MirroredStrategy over both
+# CPUs. (In that order: one-device training after a MirroredStrategy job in the
+# same process took ten times longer.)
+REFERENCE_SCRIPT = TWO_CPUS + textwrap.dedent("""
+    import json, sys
+    import keras, numpy as np
     import kerasllm
     from kerasllm import jobs
     from kerasllm.builder import build_tokenizer
+    from kerasllm.cli import main
     from kerasllm.config import load_config
+    from kerasllm.layers import attention_core
     from kerasllm.plugins import get_registry
 
     config = load_config(sys.argv[1])
@@ -80,6 +73,12 @@ REFERENCE_SCRIPT = textwrap.dedent("""
     for name, values in (("initial", initial), ("mirrored", mirrored),
                          ("two_workers", two_workers)):
         np.savez(f"{sys.argv[2]}/{name}.npz", *values)
+
+    traces = attention_core.experimental_get_tracing_count()
+    code = main(["pretrain", sys.argv[3], "--strategy", "mirrored",
+                 "--output", f"{sys.argv[2]}/mirrored-run"])
+    print(json.dumps({"code": code,
+                      "xla_traces": attention_core.experimental_get_tracing_count() - traces}))
 """)
 
 
@@ -222,34 +221,30 @@ def cluster_config(tmp_path_factory, tokenizer, documents):
 @pytest.fixture(scope="module")
 def references(cluster_config):
     """One device's weights before and after training on the global batches of
-    two replicas (``mirrored``) and of two workers (``two_workers``)."""
+    two replicas (``mirrored``) and of two workers (``two_workers``); and the
+    output of ``kerasllm pretrain --strategy mirrored`` over two CPUs."""
     folder = cluster_config.parent
     script = folder / "reference.py"
     script.write_text(REFERENCE_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(cluster_config), str(folder)],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {name: list(np.load(folder / f"{name}.npz").values())
-            for name in ("initial", "mirrored", "two_workers")}
-
-
-def test_mirrored_over_two_cpus_equals_one_device_with_xla_attention(cluster_config,
-                                                                    references, tmp_path):
-    script = tmp_path / "mirrored.py"
-    script.write_text(MIRRORED_SCRIPT)
     config = yaml.safe_load(cluster_config.read_text())
     config["training"]["devices"] = ["CPU:0", "CPU:1"]
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, str(script), "pretrain", str(tmp_path / "config.yaml"),
-         "--strategy", "mirrored", "--output", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and last_json(result.stdout)["code"] == 0, \
-        result.stderr[-3000:]
+    (folder / "mirrored.yaml").write_text(yaml.safe_dump(config))
+    result = subprocess.run([sys.executable, str(script), str(cluster_config), str(folder),
+                             str(folder / "mirrored.yaml")],
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"mirrored_run": (folder / "mirrored-run", result.stdout),
+            **{name: list(np.load(folder / f"{name}.npz").values())
+               for name in ("initial", "mirrored", "two_workers")}}
+
+
+def test_mirrored_over_two_cpus_equals_one_device_with_xla_attention(references):
+    run, output = references["mirrored_run"]
+    assert last_json(output)["code"] == 0
     assert "Strategy mirrored: 1 worker(s), 2 replica(s) in sync; global batch 8 = 2 x 4 " \
-           "rows per replica" in result.stdout
-    assert last_json(result.stdout)["xla_traces"] >= 1  # attention compiled under the strategy
-    trained = weights(tmp_path / "run")
+           "rows per replica" in output
+    assert last_json(output)["xla_traces"] >= 1  # attention compiled under the strategy
+    trained = weights(run)
     moved = max(np.abs(a - b).max() for a, b in zip(trained, references["initial"]))
     assert moved > 1e-2  # training changed the weights, exactly as on one device:
     for got, expected in zip(trained, references["mirrored"], strict=True):
