@@ -114,8 +114,8 @@ class KerasLLMModel(MultiWorkerWorkarounds, keras.Model):
                        for head in self.heads}
         # Losses, metrics and answers in float32 whatever the compute dtype.
         return keras.tree.map_structure(
-            lambda value: tf.cast(value, tf.float32) if value.dtype.is_floating else value,
-            predictions)
+            lambda value: keras.ops.cast(value, "float32")
+            if keras.backend.is_float_dtype(value.dtype) else value, predictions)
 
     def generate(self, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top_p=1.0,
                  seed=None, stop_token_ids=None):
