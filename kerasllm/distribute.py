@@ -18,7 +18,6 @@ import tensorflow as tf
 
 from kerasllm.config import STRATEGIES
 from kerasllm.errors import ConfigError
-from kerasllm.keras_workarounds import in_multi_worker_mode
 
 
 def make_strategy(name, devices=None, tpu=None):
@@ -56,6 +55,12 @@ def make_strategy(name, devices=None, tpu=None):
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     raise ConfigError(f"unknown training.strategy '{name}'; known: {', '.join(STRATEGIES)}")
+
+
+def in_multi_worker_mode(strategy):
+    """Whether ``strategy`` runs collectives across several worker processes."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
+        strategy.extended._in_multi_worker_mode()
 
 
 def _automatic():

@@ -33,10 +33,7 @@ module and the base classes.
 import tensorflow as tf
 from keras import tree
 
-
-def in_multi_worker_mode(strategy):
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
-        strategy.extended._in_multi_worker_mode()
+from kerasllm.distribute import in_multi_worker_mode
 
 
 class SymbolicBuildWorkaround:
