@@ -9,7 +9,7 @@ from kerasllm.config import load_config
 from kerasllm.errors import ConfigError, KerasLLMError
 from kerasllm.model import KerasLLMModel
 from kerasllm.plugins import get_registry
-from kerasllm.training import make_optimizer
+from kerasllm.training import make_optimizer, use_xla
 
 
 def build_model(config, tokenizer=None, *, registry=None):
@@ -36,7 +36,8 @@ def build_model(config, tokenizer=None, *, registry=None):
     if tokenizer is None:
         tokenizer = build_tokenizer(config, registry)
     model = KerasLLMModel(config.to_dict(), tokenizer, registry=registry)
-    model.compile(optimizer=make_optimizer(config.training))
+    model.compile(optimizer=make_optimizer(config.training),
+                  jit_compile=use_xla(config.training))
     return model
 
 

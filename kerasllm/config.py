@@ -228,6 +228,9 @@ class TrainingConfig:
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
     # Each step's batch in this many micro-batches, one after another; one update.
     gradient_accumulation_steps: int = 1
+    # XLA-compile the whole training step (kerasllm.training.use_xla): auto does
+    # without a strategy, on one device or TPU; the attention core is compiled always.
+    jit_compile: Literal["auto", True, False] = "auto"
 
     def validate(self, where):
         _positive(self, where, "steps", "steps_per_epoch", "checkpoint_every",
@@ -383,7 +386,8 @@ def _coerce(hint, value, key):
             return None
         return _coerce(next(a for a in args if a is not type(None)), value, key)
     if origin is Literal:
-        if value not in args:
+        # By type too: 1 == True, yet `jit_compile: 1` is no choice of true/false.
+        if not any(value == arg and type(value) is type(arg) for arg in args):
             raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {value!r}")
         return value
     if origin is list:

@@ -8,7 +8,7 @@ import keras
 import keras_hub
 import tensorflow as tf
 
-from kerasllm.layers import make_norm
+from kerasllm.layers import Dropout, make_norm
 
 
 @keras.saving.register_keras_serializable(package="kerasllm")
@@ -57,7 +57,7 @@ class TextEmbedding(keras.layers.Layer):
             name="segment_embedding",
         ) if num_segments else None
         self.norm = make_norm(norm, layer_norm_epsilon, "norm") if normalize else None
-        self.output_dropout = keras.layers.Dropout(dropout)
+        self.output_dropout = Dropout(dropout)
 
     def build(self, token_ids_shape, segment_ids_shape=None):
         self.token_embedding.build(token_ids_shape)

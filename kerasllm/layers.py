@@ -42,6 +42,33 @@ def make_norm(norm, epsilon, name):
     return keras.layers.LayerNormalization(epsilon=epsilon, name=name)
 
 
+def drop(values, seed, rate):
+    """Inverted dropout of ``values`` with a stateless mask from int32 ``(2,)`` ``seed``.
+
+    Threefry named explicitly: compiled by XLA on CPU, a mask of 2M values takes
+    2.5 ms with it, 10 ms with Philox and 400 ms with the default
+    ``auto_select`` (which Keras' dropout uses)."""
+    keep = tf.random.stateless_uniform(tf.shape(values), seed=seed, alg="threefry") >= rate
+    return tf.where(keep, values / tf.cast(1.0 - rate, values.dtype), tf.zeros_like(values))
+
+
+_compiled_drop = tf.function(drop, jit_compile=True, reduce_retracing=True)
+
+
+@keras.saving.register_keras_serializable(package="kerasllm")
+class Dropout(keras.layers.Dropout):
+    """``keras.layers.Dropout`` with its mask drawn by :func:`drop`, compiled by XLA
+    (Threefry has no kernel outside XLA). The seed stream and saved state are
+    Keras' own."""
+
+    def call(self, inputs, training=False):
+        if not training or self.rate == 0:
+            return inputs
+        seed = tf.cast(keras.random.randint((2,), 0, 2**31 - 1, seed=self.seed_generator),
+                       tf.int32)
+        return _compiled_drop(inputs, seed, self.rate)
+
+
 @tf.function(jit_compile=True, reduce_retracing=True)
 def attention_core(query, key, value, allowed, bias, seed, scale, dropout_rate):
     """Dot-product attention with grouped key/value heads, compiled by XLA.
@@ -74,11 +101,7 @@ def attention_core(query, key, value, allowed, bias, seed, scale, dropout_rate):
     scores = tf.where(allowed[:, None], scores, -1e9)
     weights = tf.nn.softmax(scores, axis=-1)
     if dropout_rate > 0:
-        # Philox named explicitly: XLA on CPU runs the default "auto_select"
-        # algorithm ~100x slower (0.53 s vs 5 ms for a 32x4x128x128 mask).
-        keep = tf.random.stateless_uniform(
-            tf.shape(weights), seed=seed, alg="philox") >= dropout_rate
-        weights = tf.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        weights = drop(weights, seed, dropout_rate)
     weights = tf.reshape(tf.cast(weights, value.dtype),
                          [batch, kv_heads, groups, query_length, key_length])
     context = tf.einsum("bngqk,bknd->bqngd", weights, value)
@@ -395,7 +418,7 @@ class TransformerBlock(keras.layers.Layer):
                                         self.use_bias, name="feed_forward")
         self.feed_forward.build(hidden_shape)
         self.feed_forward_norm = norm("feed_forward_norm")
-        self.output_dropout = keras.layers.Dropout(self.dropout)
+        self.output_dropout = Dropout(self.dropout)
 
     def call(self, hidden, padding_mask, position_bias=None, context=None, context_mask=None,
              cache=None, cache_index=0, training=False):

@@ -1,0 +1,101 @@
+"""The benchmark's accounting (tools/bench.py): FLOPs per token, window
+statistics and the verdicts of its report. The timings themselves are never
+asserted: they are benchmark results."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+import kerasllm
+
+TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_tool("bench")
+SIZES = {"layers": 2, "hidden": 32, "heads": 4, "intermediate": 64, "vocabulary": 100,
+         "mask_rate": 0.15, "dropout": 0.0}
+
+
+def test_flops_per_token_of_the_issue_shapes_by_hand():
+    case = {**bench.MODEL, "objective": "mlm", "sequence": 128}
+    d, f, layers, vocabulary = 256, 1024, 4, 8192
+    block = 4 * d * d + 2 * d * f + 9 * d + f  # projections, biases, two norms
+    head = 19 / 128 * (d * d + 3 * d + d * vocabulary + vocabulary)  # 19 of 128 masked
+    assert bench.flops_per_token(case) == pytest.approx(
+        6 * (layers * block + head) + 12 * layers * d * 128)
+    causal = {**case, "objective": "clm"}
+    assert bench.flops_per_token(causal) == pytest.approx(
+        6 * (layers * block + 2 * d + d * vocabulary) + 6 * layers * d * 128)
+
+
+@pytest.mark.parametrize("objective, family", [("mlm", {"kind": "encoder", "pooler": False}),
+                                               ("clm", {"family": "gpt2"})])
+def test_flops_count_the_parameters_the_models_have(objective, family):
+    """N in the formula is the built model's non-embedding parameter count."""
+    model = kerasllm.KerasLLMModel({
+        "model": {**family, "num_layers": 2, "num_heads": 4, "hidden_dim": 32,
+                  "intermediate_dim": 64, "max_sequence_length": 16, "vocabulary_size": 100},
+        "objectives": [{"name": objective}], "data": {"sequence_length": 16},
+    }, bench_tokenizer())
+    backbone = model.backbone
+    embedding = sum(np.prod(w.shape) for w in backbone.embedding.weights)
+    non_embedding = backbone.count_params() - embedding
+    head_weights = model.heads[0].count_params()
+    length = 16
+    case = {**SIZES, "objective": objective, "sequence": length}
+    attention = (12 if objective == "mlm" else 6) * 2 * 32 * length
+    if objective == "mlm":
+        # The head's weights (transform, norm, the tied embedding it projects
+        # with, output bias) at the masked share of the positions.
+        masked = round(0.15 * length) / length
+        expected = non_embedding + masked * head_weights
+    else:
+        expected = non_embedding + 32 * 100
+    assert bench.flops_per_token(case) == pytest.approx(6 * expected + attention)
+
+
+def bench_tokenizer():
+    import keras_hub
+
+    return keras_hub.models.BertTokenizer(vocabulary=["[PAD]", "[CLS]", "[SEP]", "[UNK]",
+                                                      "[MASK]"] + [f"t{i}" for i in range(95)])
+
+
+def test_window_statistics():
+    assert bench.summary([4.0, 1.0, 2.0, 3.0, 10.0]) == {
+        "median": 3.0, "min": 1.0, "max": 10.0, "spread": 3.0}
+    latencies = list(range(1, 201))
+    assert bench.percentile(latencies, 0.5) == 101
+    assert bench.percentile(latencies, 0.99) == 198
+
+
+def test_report_compares_medians_and_marks_missed_targets():
+    machine = {"cpu": "test CPU", "cores": 2, "tensorflow": "x", "keras": "x",
+               "keras_hub": "x", "date": "today", "windows": 5}
+    train = {**bench.MODEL, "kind": "train", "sequence": 128, "batch": 32}
+    # A peak at which kerasllm's median (12 tokens/s) is 50% MFU, keras-hub's 10 is 42%.
+    peak = 12 * bench.flops_per_token({**train, "objective": "mlm"}) / 1e9 / 0.5
+    results = {
+        "matmul": {"size": 4096, "windows": [peak] * 5, "shapes": {}},
+        "mlm/kerasllm/T128/B32": {**train, "objective": "mlm", "windows": [12.0, 11.0, 13.0,
+                                                                            1.0, 99.0]},
+        "mlm/keras_hub/T128/B32": {**train, "objective": "mlm", "windows": [10.0] * 5},
+        "clm/kerasllm/T128/B32": {**train, "objective": "clm", "windows": [10.0] * 5},
+        "clm/keras_hub/T128/B32": {**train, "objective": "clm", "windows": [10.0] * 5},
+        "serve/B1": {"windows": [80.0] * 5, "latencies": [0.010] * 98 + [0.5] * 2},
+    }
+    table = bench.report(results, machine)
+    assert ("| (a) masked LM encoder, 32 × 128 | 12 (1–99) | 10 (10–10) | 1.20× met | 50% | 42% |"
+            in table)
+    assert "| (b) causal LM decoder, 32 × 128 | 10 (10–10) | 10 (10–10) | 1.00× **missed** |" \
+        in table
+    assert "| 1 | 10.0 (target < 15: met) | 500.0 |" in table
