@@ -9,7 +9,7 @@ from kerasllm.config import load_config
 from kerasllm.errors import ConfigError, KerasLLMError
 from kerasllm.model import KerasLLMModel
 from kerasllm.plugins import get_registry
-from kerasllm.training import make_optimizer, use_xla
+from kerasllm.training import make_optimizer
 
 
 def build_model(config, tokenizer=None, *, registry=None):
@@ -37,7 +37,7 @@ def build_model(config, tokenizer=None, *, registry=None):
         tokenizer = build_tokenizer(config, registry)
     model = KerasLLMModel(config.to_dict(), tokenizer, registry=registry)
     model.compile(optimizer=make_optimizer(config.training),
-                  jit_compile=use_xla(config.training))
+                  jit_compile=config.training.jit_compile)
     return model
 
 

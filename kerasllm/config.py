@@ -228,8 +228,8 @@ class TrainingConfig:
     precision: Literal["float32", "mixed_bfloat16", "mixed_float16"] = "float32"
     # Each step's batch in this many micro-batches, one after another; one update.
     gradient_accumulation_steps: int = 1
-    # XLA-compile the whole training step (kerasllm.training.use_xla): auto does
-    # without a strategy, on one device or TPU; the attention core is compiled always.
+    # XLA-compile the whole training step (Keras' compile(jit_compile=...)); auto:
+    # on GPU and TPU, not on CPU. The attention core is XLA-compiled always.
     jit_compile: Literal["auto", True, False] = "auto"
 
     def validate(self, where):

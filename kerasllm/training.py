@@ -8,7 +8,6 @@ import shutil
 import tempfile
 
 import keras
-import tensorflow as tf
 
 from kerasllm.errors import KerasLLMError
 from kerasllm.keras_workarounds import ClipAfterAllReduce
@@ -41,23 +40,6 @@ class WarmupLinearDecay(keras.optimizers.schedules.LearningRateSchedule):
 @keras.saving.register_keras_serializable(package="kerasllm")
 class AdamW(ClipAfterAllReduce, keras.optimizers.AdamW):
     """Keras' AdamW, clipping gradients as one device would under any strategy."""
-
-
-def use_xla(training):
-    """Whether ``fit`` XLA-compiles the whole training step, for ``training.jit_compile``.
-
-    ``auto`` compiles without a strategy, under ``OneDeviceStrategy`` and on TPU.
-    Under ``MirroredStrategy`` on CPU devices a compiled step fails ("Trying to
-    access resource ... located in device CPU:1 from device CPU:0") and
-    several-GPU or multi-worker compiled steps have not been verified here, so
-    those run the step as a graph with the attention core alone compiled.
-    Keras' own ``auto`` never compiles on a CPU-only machine, where compiling the
-    step is 11% faster for the benchmark encoder (README, Benchmarks)."""
-    if training.jit_compile != "auto":
-        return training.jit_compile
-    strategy = tf.distribute.get_strategy()
-    return not tf.distribute.has_strategy() or isinstance(
-        strategy, (tf.distribute.OneDeviceStrategy, tf.distribute.TPUStrategy))
 
 
 def make_optimizer(training):

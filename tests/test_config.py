@@ -97,6 +97,15 @@ def test_literal_lists_allowed_values(key, value, allowed):
         f"model.{key} must be one of {allowed}; got {value!r}")
 
 
+@pytest.mark.parametrize("value", [1, 0, "true"])
+def test_jit_compile_takes_auto_or_a_boolean(value):
+    """1 == True in Python, but a config that says 1 is told what it may say."""
+    assert config_error(tiny_config(training={"jit_compile": value})) == (
+        f"training.jit_compile must be one of auto, True, False; got {value!r}")
+    assert kerasllm.load_config(tiny_config(training={"jit_compile": True})
+                                ).training.jit_compile is True
+
+
 def test_objective_without_a_name():
     message = config_error(tiny_config(objectives=[{"weight": 1.0}]))
     assert message == "objectives[0].name is required"
