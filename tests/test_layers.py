@@ -229,3 +229,19 @@ def test_relative_buckets_match_transformers_t5(bidirectional, num_buckets, max_
         max_distance=max_distance).numpy()
     layer = RelativePositionBias(1, num_buckets, max_distance, bidirectional=bidirectional)
     np.testing.assert_array_equal(layer.bucket(tf.constant(relative)).numpy(), expected)
+
+
+def test_dropout_drops_at_its_rate_and_rescales_what_it_keeps():
+    from kerasllm.layers import Dropout
+
+    layer = Dropout(0.25, seed=3)
+    ones = np.ones((400, 250), "float32")
+    first = np.asarray(layer(ones, training=True))
+    assert np.mean(first == 0) == pytest.approx(0.25, abs=0.005)  # 100,000 draws: 3.6 sigma
+    np.testing.assert_allclose(first[first != 0], 1 / 0.75, rtol=1e-6)
+    assert np.mean(first) == pytest.approx(1.0, abs=0.01)
+    # Each call draws a new mask from the seed stream; evaluation drops nothing.
+    assert np.mean(np.asarray(layer(ones, training=True)) != first) > 0.3
+    np.testing.assert_array_equal(layer(ones, training=False), ones)
+    # The same seed gives the same masks.
+    np.testing.assert_array_equal(Dropout(0.25, seed=3)(ones, training=True), first)
