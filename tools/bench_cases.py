@@ -167,7 +167,7 @@ def generate(spec):
 
         def run(new):
             ids = np.pad(prompts, [[0, 0], [0, new]])
-            mask = ids != 0
+            mask = np.zeros(ids.shape, bool)
             mask[:, :spec["prompt"]] = True
             outputs = model.generate({"token_ids": ids, "padding_mask": mask},
                                      stop_token_ids=None)
