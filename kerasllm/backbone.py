@@ -194,7 +194,7 @@ class Backbone(keras.Model):
         bias = None
         if bias_layer is not None:
             bias = bias_layer(hidden, key_length=None if cache is None else
-                              tf.shape(cache[0][0])[1], query_offset=cache_index)
+                              tf.shape(cache[0][0])[2], query_offset=cache_index)
         new_cache = []
         for i, block in enumerate(blocks):
             block_context = context[i] if isinstance(context, list) else context
@@ -221,12 +221,27 @@ class Backbone(keras.Model):
             keys += ("decoder_token_ids", "decoder_padding_mask")
         return keys
 
-    def logits(self, sequence_output):
+    def logits(self, sequence_output, output_matrix=None):
         """Vocabulary logits from ``sequence_output``, through the token embedding
-        (tied) or the separate output matrix."""
+        (tied) or the separate output matrix.
+
+        ``output_matrix``: :meth:`output_matrix`, for a loop that calls this at
+        every step with the matrix computed once before it: XLA on CPU multiplies
+        a few rows by the tied embedding's transpose twice as slowly as by a
+        transposed copy."""
         if self.scale_logits:
             sequence_output = sequence_output * self.hidden_dim ** -0.5
-        return self.token_embedding(sequence_output, reverse=True)
+        if output_matrix is None:
+            return self.token_embedding(sequence_output, reverse=True)
+        return keras.ops.matmul(sequence_output, output_matrix)
+
+    def output_matrix(self):
+        """The ``(hidden_dim, vocabulary_size)`` matrix :meth:`logits` projects through,
+        in the compute dtype."""
+        embedding = self.token_embedding
+        matrix = (keras.ops.transpose(embedding.embeddings) if embedding.tie_weights
+                  else embedding.reverse_embeddings)
+        return keras.ops.cast(matrix, self.compute_dtype)
 
     # === Incremental decoding (``kerasllm.generation``) ===
 
@@ -242,7 +257,7 @@ class Backbone(keras.Model):
         cache = []
         for block in self.decoder_stack[0]:
             attention = block.attention
-            shape = (batch_size, max_length, attention.num_key_value_heads,
+            shape = (batch_size, attention.num_key_value_heads, max_length,
                      attention._head_dim)
             zeros = tf.zeros(shape, self.compute_dtype)
             cache.append((zeros, zeros))
@@ -254,7 +269,8 @@ class Backbone(keras.Model):
         ``(sequence_output, cache)``. Keys beyond the written positions are
         never attended to: attention with a cache is causal."""
         hidden = self.embedding(token_ids, start_index=cache_index)
-        key_mask = tf.ones(tf.shape(cache[0][0])[:2], tf.int32)
+        cache_shape = tf.shape(cache[0][0])
+        key_mask = tf.ones([cache_shape[0], cache_shape[2]], tf.int32)
         return self._run_stack(self.decoder_stack, hidden, key_mask, context, context_mask,
                                cache=cache, cache_index=cache_index)
 

@@ -229,7 +229,8 @@ class TrainingConfig:
     # Each step's batch in this many micro-batches, one after another; one update.
     gradient_accumulation_steps: int = 1
     # XLA-compile the whole training step (Keras' compile(jit_compile=...)); auto:
-    # on GPU and TPU, not on CPU. The attention core is XLA-compiled always.
+    # on one device always, under a strategy on GPU and TPU only (Keras' auto).
+    # The attention core is XLA-compiled always.
     jit_compile: Literal["auto", True, False] = "auto"
 
     def validate(self, where):

@@ -343,12 +343,32 @@ def _generation_loop(model, jit_compile=True):
     ``length``); ``stop_ids`` int32 ``(n,)``; ``pad`` int32; ``seeds`` int64,
     ``temperature`` float32, ``top_k`` int32, ``top_p`` float32, all
     ``(batch,)``. Returns the filled buffer; a row is ``pad`` after it stops.
+
+    Compiled, a batch of one runs as two rows (the row twice): XLA on CPU
+    multiplies a single row by the attention's 3-D kernels with a naive loop
+    (its small matrix-vector fusion), and two rows take less time than one
+    (measured: 1.4x the new tokens/s at batch 1).
     """
     name = "_generation_loop" if jit_compile else "_uncompiled_generation_loop"
     if getattr(model, name, None) is None:
         backbone = model.backbone
 
         def loop(buffer, prompt_mask, encoder_ids, encoder_mask, start, ends, stop_ids, pad,
+                 seeds, temperature, top_k, top_p):
+            rows = _shape(buffer)[0]
+            if not jit_compile or (isinstance(rows, int) and rows > 1):
+                return fill(buffer, prompt_mask, encoder_ids, encoder_mask, start, ends,
+                            stop_ids, pad, seeds, temperature, top_k, top_p)
+
+            def two_rows(tensor):
+                return tf.concat([tensor, tensor[:tf.maximum(2 - rows, 0)]], 0)
+
+            filled = fill(*map(two_rows, (buffer, prompt_mask, encoder_ids, encoder_mask)),
+                          start, two_rows(ends), stop_ids, pad,
+                          *map(two_rows, (seeds, temperature, top_k, top_p)))
+            return filled[:rows]
+
+        def fill(buffer, prompt_mask, encoder_ids, encoder_mask, start, ends, stop_ids, pad,
                  seeds, temperature, top_k, top_p):
             batch_size, length = _shape(buffer)
             context = context_mask = None
@@ -358,7 +378,8 @@ def _generation_loop(model, jit_compile=True):
                 context_mask = encoder_mask
             hidden, cache = backbone.decode_step(
                 buffer, backbone.empty_cache(batch_size, length), 0, context, context_mask)
-            logits = backbone.logits(tf.gather(hidden, start - 1, axis=1))
+            output_matrix = backbone.output_matrix()
+            logits = backbone.logits(tf.gather(hidden, start - 1, axis=1), output_matrix)
             done = tf.zeros_like(ends, tf.bool)
             rows = tf.range(batch_size)
 
@@ -374,7 +395,8 @@ def _generation_loop(model, jit_compile=True):
                 done = done | (~in_prompt & stopped)
                 hidden, cache = backbone.decode_step(token[:, None], cache, index, context,
                                                      context_mask)
-                return index + 1, buffer, done, backbone.logits(hidden[:, -1]), cache
+                return (index + 1, buffer, done, backbone.logits(hidden[:, -1], output_matrix),
+                        cache)
 
             def running(index, buffer, done, logits, cache):
                 return (index < tf.reduce_max(ends)) & ~tf.reduce_all(done)

@@ -70,14 +70,17 @@ class Dropout(keras.layers.Dropout):
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
-def attention_core(query, key, value, allowed, bias, seed, scale, dropout_rate):
+def attention_core(query, key, value, allowed, bias, seed, scale, dropout_rate,
+                   head_major=False):
     """Dot-product attention with grouped key/value heads, compiled by XLA.
 
     Args:
         query: ``(batch, query_length, heads, head_dim)``.
-        key, value: ``(batch, key_length, kv_heads, head_dim)``; ``heads`` is a
-            multiple of ``kv_heads`` and key/value head ``n`` serves the query
-            heads ``n * heads / kv_heads`` onwards (as Hugging Face's ``repeat_kv``).
+        key, value: ``(batch, key_length, kv_heads, head_dim)``, or with
+            ``head_major`` ``(batch, kv_heads, key_length, head_dim)`` (the
+            key/value cache's layout); ``heads`` is a multiple of ``kv_heads``
+            and key/value head ``n`` serves the query heads ``n * heads / kv_heads``
+            onwards (as Hugging Face's ``repeat_kv``).
         allowed: bool ``(batch, query_length, key_length)``.
         bias: ``(1 or batch, heads, query_length, key_length)`` added to the
             scores (T5's relative position bias), or None.
@@ -88,11 +91,12 @@ def attention_core(query, key, value, allowed, bias, seed, scale, dropout_rate):
         ``(batch, query_length, heads, head_dim)``.
     """
     batch, query_length, heads, head_dim = tf.unstack(tf.shape(query))
-    kv_heads = tf.shape(key)[2]
-    key_length = tf.shape(key)[1]
+    kv_heads = tf.shape(key)[1 if head_major else 2]
+    key_length = tf.shape(key)[2 if head_major else 1]
+    keys = "bnkd" if head_major else "bknd"
     groups = heads // kv_heads
     grouped = tf.reshape(query * scale, [batch, query_length, kv_heads, groups, head_dim])
-    scores = tf.einsum("bqngd,bknd->bngqk", grouped, key)
+    scores = tf.einsum(f"bqngd,{keys}->bngqk", grouped, key)
     scores = tf.reshape(tf.cast(scores, tf.float32), [batch, heads, query_length, key_length])
     if bias is not None:
         scores += tf.cast(bias, tf.float32)
@@ -104,7 +108,7 @@ def attention_core(query, key, value, allowed, bias, seed, scale, dropout_rate):
         weights = drop(weights, seed, dropout_rate)
     weights = tf.reshape(tf.cast(weights, value.dtype),
                          [batch, kv_heads, groups, query_length, key_length])
-    context = tf.einsum("bngqk,bknd->bqngd", weights, value)
+    context = tf.einsum(f"bngqk,{keys}->bqngd", weights, value)
     return tf.reshape(context, [batch, query_length, heads, head_dim])
 
 
@@ -131,14 +135,18 @@ def _outside_xla():
 
 
 def _write_at(cache, values, index):
-    """``cache`` with ``values`` written from position ``index`` of axis 1.
+    """``cache`` ``(batch, kv_heads, length, head_dim)`` with ``values``
+    ``(batch, new, kv_heads, head_dim)`` written from position ``index``.
 
+    Head-major because attention reads the cache by head: stored position-major,
+    XLA on CPU copied every layer's whole cache into that order at every step.
     Compiled, XLA's in-place dynamic-update-slice; traced ``without_xla``, a core
     op (``XlaDynamicUpdateSlice`` has no kernel outside XLA, and XLA cannot
     compile a strided update at a position only known at run time)."""
+    values = tf.transpose(values, [0, 2, 1, 3])
     if not _outside_xla():
-        return keras.ops.slice_update(cache, [0, index, 0, 0], values)
-    begin = tf.stack([0, tf.cast(index, tf.int32), 0, 0])
+        return keras.ops.slice_update(cache, [0, 0, index, 0], values)
+    begin = tf.stack([0, 0, tf.cast(index, tf.int32), 0])
     return tf.raw_ops.TensorStridedSliceUpdate(
         input=cache, begin=begin, end=begin + tf.shape(values), strides=tf.ones([4], tf.int32),
         value=values)
@@ -247,7 +255,7 @@ class Attention(keras.layers.Layer):
                 ``project_context`` pair computed earlier.
             bias: added to the scores, ``(1 or batch, heads, length, key_length)``.
             cache: self-attention during incremental decoding: a ``(keys, values)``
-                pair of ``(batch, max_length, kv_heads, head_dim)``; this call's
+                pair of ``(batch, kv_heads, max_length, head_dim)``; this call's
                 keys and values are written at ``cache_index`` and the call
                 returns ``(output, cache)``.
             cache_index: position of ``hidden``'s first token.
@@ -274,7 +282,7 @@ class Attention(keras.layers.Layer):
             query_documents = tf.transpose(key_documents, [0, 2, 1])
             allowed &= (query_documents == key_documents) | (query_documents == 0)
         if self.causal:
-            key_positions = tf.range(tf.shape(key)[1])
+            key_positions = tf.range(tf.shape(key)[1 if cache is None else 2])
             visible = key_positions[None, None, :] <= query_positions[None, :, None]
             if context is None and cache is None:
                 # A prefix (negative mask values) attends both ways: prefix LM.
@@ -291,7 +299,8 @@ class Attention(keras.layers.Layer):
             seed = tf.zeros((2,), tf.int32)
         scale = 1 / math.sqrt(self._head_dim) if self.scale_scores else 1.0
         core = attention_core.python_function if _outside_xla() else attention_core
-        context = core(query, key, value, allowed, bias, seed, scale, rate)
+        context = core(query, key, value, allowed, bias, seed, scale, rate,
+                       head_major=cache is not None)
         output = self.output_projection(context)
         return output if cache is None else (output, cache)
 

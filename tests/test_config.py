@@ -7,6 +7,7 @@ names the key and says what is allowed.
 import re
 
 import pytest
+import tensorflow as tf
 import yaml
 from conftest import SPECIAL_TOKENS, tiny_config
 
@@ -483,3 +484,14 @@ def test_family_preset_fills_in_and_keys_override_it():
 ])
 def test_model_family_and_architecture_mistakes(model, message):
     assert config_error(tiny_config(model=model)) == message
+
+
+def test_jit_compile_auto_compiles_the_whole_step_on_one_device_only(tokenizer):
+    """auto: compiled on one device, CPU included; under a strategy, Keras' own
+    auto, which leaves CPU devices uncompiled (a compiled step under
+    MirroredStrategy on CPU devices fails)."""
+    assert kerasllm.build_model(tiny_config(), tokenizer).jit_compile is True
+    with tf.distribute.MirroredStrategy(["CPU:0"]).scope():
+        assert kerasllm.build_model(tiny_config(), tokenizer).jit_compile is False
+    assert kerasllm.build_model(tiny_config(training={"jit_compile": False}),
+                                tokenizer).jit_compile is False

@@ -34,14 +34,18 @@ def make_backbone(causal, norm_first=False, num_segments=2, pooler=None):
     )
 
 
-def core(query, key, value, padding_mask, seed, causal, rate):
-    """attention_core with the mask built as the layers build it."""
+def core(query, key, value, padding_mask, seed, causal, rate, head_major=False):
+    """attention_core with the mask built as the layers build it; ``key`` and
+    ``value`` position-major, passed head-major (as the cache holds them) with
+    ``head_major``."""
     length = query.shape[1]
     allowed = padding_mask.astype(bool)[:, None, :]
     if causal:
         allowed = allowed & np.tril(np.ones((length, length), bool))[None]
+    if head_major:
+        key, value = (np.transpose(tensor, [0, 2, 1, 3]) for tensor in (key, value))
     return attention_core(query, key, value, allowed, None, seed,
-                          float(1 / np.sqrt(query.shape[-1])), rate)
+                          float(1 / np.sqrt(query.shape[-1])), rate, head_major)
 
 
 def inputs(token_ids, padding_mask):
@@ -50,13 +54,14 @@ def inputs(token_ids, padding_mask):
             "segment_ids": np.zeros_like(token_ids)}
 
 
+@pytest.mark.parametrize("head_major", [False, True])
 @pytest.mark.parametrize("causal,kv_heads", [(False, 6), (True, 6), (True, 2), (False, 1)])
-def test_attention_core_matches_numpy_reference(causal, kv_heads):
+def test_attention_core_matches_numpy_reference(causal, kv_heads, head_major):
     rng = np.random.default_rng(0)
     query = rng.normal(size=(2, 7, 6, 5)).astype("float32")
     key, value = (rng.normal(size=(2, 7, kv_heads, 5)).astype("float32") for _ in range(2))
     padding_mask = np.array([[1] * 7, [1] * 4 + [0] * 3], "int32")
-    got = core(query, key, value, padding_mask, tf.constant([0, 0]), causal, 0.0)
+    got = core(query, key, value, padding_mask, tf.constant([0, 0]), causal, 0.0, head_major)
     expected = reference_attention(query, key, value, padding_mask, causal)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
 
@@ -85,7 +90,8 @@ def test_attention_core_is_xla_compiled():
     rng = np.random.default_rng(0)
     args = [rng.normal(size=(1, 4, 1, 2)).astype("float32")] * 3
     hlo = attention_core.experimental_get_compiler_ir(
-        *args, np.ones((1, 4, 4), bool), None, tf.constant([0, 0]), 1.0, 0.0)(stage="hlo")
+        *args, np.ones((1, 4, 4), bool), None, tf.constant([0, 0]), 1.0, 0.0, False)(
+            stage="hlo")
     assert "softmax" in hlo.lower() or "exponential" in hlo.lower()
 
 
