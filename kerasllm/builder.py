@@ -44,7 +44,7 @@ def build_model(config, tokenizer=None, *, registry=None):
 
 def _jit_compile(setting):
     """``training.jit_compile`` for Keras' ``compile``. ``auto`` compiles the whole
-    step on one device, CPU included: as keras-hub does, and 15-32% more tokens/s
+    step on one device, CPU included: as keras-hub does, and 21-29% more tokens/s
     on CPU in ``tools/bench.py``. Under a distribution strategy it stays Keras'
     ``auto`` (GPU and TPU only): on CPU devices a compiled step under
     ``MirroredStrategy`` fails."""
