@@ -14,8 +14,9 @@ median of ``--windows`` timed windows, with their min–max):
   GPT-2-style decoder (causal LM; keras-hub: ``GPT2CausalLM``), vocabulary
   8192, both sides with dropout 0.1, AdamW and global-norm clipping, both
   with the whole step XLA-compiled (kerasllm's default on one device, keras-hub's
-  ``jit_compile=True``) and kerasllm also without, at batch 32 × sequence 128. The scaling cases vary
-  the encoder's sequence (at 4096 tokens a batch) and batch (at sequence 128).
+  ``jit_compile=True``) and kerasllm also without, at batch 32 × sequence 128.
+  The scaling cases vary the encoder's sequence (at 4096 tokens a batch) and
+  batch (at sequence 128).
 - ``generate/*``: greedy decoding with a KV cache, 32-token prompts, 128 new
   tokens, batch 1 and 8: kerasllm's ``model.generate``, its exported SavedModel's
   ``generate`` signature run from a session, keras-hub's ``GPT2CausalLM.generate``.
@@ -186,7 +187,8 @@ def report(results, machine):
                           key=lambda k: tuple(int(p[1:]) for p in k.split("/"))):
             theirs = results.get(f"{objective}/keras_hub/{key}")
             length, batch = (int(part[1:]) for part in key.split("/"))
-            for side, variant in (("kerasllm", ""), ("kerasllm_uncompiled", ", `jit_compile: false`")):
+            for side, variant in (("kerasllm", ""),
+                                  ("kerasllm_uncompiled", ", `jit_compile: false`")):
                 ours = results.get(f"{objective}/{side}/{key}")
                 if not (ours and theirs):
                     continue
