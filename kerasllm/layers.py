@@ -95,8 +95,16 @@ def attention_core(query, key, value, allowed, bias, seed, scale, dropout_rate,
     key_length = tf.shape(key)[2 if head_major else 1]
     keys = "bnkd" if head_major else "bknd"
     groups = heads // kv_heads
+    # The query heads of one key/value head and the query positions merge into
+    # one axis, so every matmul, and its gradients, contracts a single axis: a
+    # (groups, query) pair as the contracted axes made XLA copy the scores'
+    # gradient into a transposed layout, a fifth of a training step at T=1024.
+    # Transposes are einsums: tf.transpose's gradient reads its permutation
+    # from this function's outputs, and in a whole-step XLA compilation that
+    # made every step input a compile-time constant, recompiling every step.
     grouped = tf.reshape(query * scale, [batch, query_length, kv_heads, groups, head_dim])
-    scores = tf.einsum(f"bqngd,{keys}->bngqk", grouped, key)
+    grouped = tf.reshape(tf.einsum("bqngd->bngqd", grouped), [batch, kv_heads, -1, head_dim])
+    scores = tf.einsum(f"bnmd,{keys}->bnmk", grouped, key)
     scores = tf.reshape(tf.cast(scores, tf.float32), [batch, heads, query_length, key_length])
     if bias is not None:
         scores += tf.cast(bias, tf.float32)
@@ -107,8 +115,10 @@ def attention_core(query, key, value, allowed, bias, seed, scale, dropout_rate,
     if dropout_rate > 0:
         weights = drop(weights, seed, dropout_rate)
     weights = tf.reshape(tf.cast(weights, value.dtype),
-                         [batch, kv_heads, groups, query_length, key_length])
-    context = tf.einsum(f"bngqk,{keys}->bqngd", weights, value)
+                         [batch, kv_heads, -1, key_length])
+    context = tf.einsum(f"bnmk,{keys}->bnmd", weights, value)
+    context = tf.reshape(context, [batch, kv_heads, groups, query_length, head_dim])
+    context = tf.einsum("bngqd->bqngd", context)
     return tf.reshape(context, [batch, query_length, heads, head_dim])
 
 

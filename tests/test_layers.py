@@ -1,5 +1,7 @@
 """The Transformer layer set: attention numerics, masks, serialization."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -93,6 +95,28 @@ def test_attention_core_is_xla_compiled():
         *args, np.ones((1, 4, 4), bool), None, tf.constant([0, 0]), 1.0, 0.0, False)(
             stage="hlo")
     assert "softmax" in hlo.lower() or "exponential" in hlo.lower()
+
+
+def test_attention_in_a_compiled_step_keeps_the_step_inputs_as_parameters():
+    # Inside a whole-step compilation (training.jit_compile) the compiled core is
+    # a nested function; an op in it whose gradient needs a tensor's value made
+    # XLA take every step input as a compile-time constant and recompile each step.
+    layer = Attention(num_heads=4, num_key_value_heads=2, causal=True, dropout=0.1)
+    layer.build((2, 8, 16))
+    hidden = np.random.default_rng(0).normal(size=(2, 8, 16)).astype("float32")
+
+    @tf.function(jit_compile=True)
+    def step(hidden, padding_mask):
+        with tf.GradientTape() as tape:
+            tape.watch(hidden)
+            loss = tf.reduce_sum(layer(hidden, padding_mask, training=True) ** 2)
+        return tape.gradient(loss, [hidden, *layer.trainable_variables])
+
+    hlo = step.experimental_get_compiler_ir(hidden, np.ones((2, 8), "int32"))(stage="hlo")
+    entry = hlo[hlo.index("ENTRY"):]
+    assert re.search(r"= f32\[2,8,16\]\{[^}]*\} parameter\(", entry)
+    assert re.search(r"= s32\[2,8\]\{[^}]*\} parameter\(", entry)
+    assert not re.search(r"= f32\[2,8,16\]\{[^}]*\} constant\(", entry)
 
 
 @pytest.mark.parametrize("causal,norm_first", [(False, False), (True, True), (True, False)])
