@@ -1,12 +1,13 @@
 """Text generation with a key/value cache, in one XLA-compiled loop.
 
 Prompts of different lengths share one right-padded token buffer. A prefill
-pass runs the whole buffer through the decoder, filling the cache; the loop
-then starts at the shortest prompt's end and, one position at a time, keeps the
-prompt's token where there is one and otherwise picks the next token from the
-logits, writes it, and runs only that token through the decoder
-(``Backbone.decode_step``). Attention over the cache is causal, so the junk the
-prefill wrote past a prompt's end is overwritten before any query sees it.
+pass runs the buffer's first positions, up to the shortest prompt's end rounded
+up to a bucket, through the decoder, filling the cache; the loop then starts at
+the shortest prompt's end and, one position at a time, keeps the prompt's token
+where there is one and otherwise picks the next token from the logits, writes
+it, and runs only that token through the decoder (``Backbone.decode_step``).
+Attention over the cache is causal, so the junk the prefill wrote past a
+prompt's end is overwritten before any query sees it.
 Encoder–decoders (T5) encode the prompt once and decode from the start token.
 
 Every row carries its own sampling parameters, seed and length, so a row's
@@ -96,9 +97,10 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top
     buffer, prompt_mask = _pad(start_ids, pad, _buffer_length(backbone, end, min))
     rows = len(start_ids)
     seeds = np.random.SeedSequence(seed).generate_state(rows, np.uint64).view(np.int64)
+    start = int(lengths.min())
     output = _run_loop(
         model, True, buffer, prompt_mask, encoder_inputs[0], encoder_inputs[1].astype("int32"),
-        int(lengths.min()), lengths + max_new_tokens, sorted(set(stop_token_ids)) or [-1], pad,
+        start, min(_bucket(start), buffer.shape[1]), lengths + max_new_tokens, sorted(set(stop_token_ids)) or [-1], pad,
         seeds, np.full(rows, temperature, "float32"),
         np.full(rows, min(top_k, 2**31 - 1), "int32"), np.full(rows, top_p, "float32"),
     ).numpy()
@@ -232,9 +234,10 @@ def graph_generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
     buffer_length = _buffer_length(backbone, tf.reduce_max(ends), tf.minimum)
     buffer = start_ids.to_tensor(pad, shape=tf.stack([batch_size, buffer_length]))
     prompt_mask = tf.sequence_mask(lengths, buffer_length)
+    start = tf.reduce_min(lengths)
     output = _run_loop(
         model, jit_compile, buffer, prompt_mask, encoder_ids, encoder_mask,
-        tf.reduce_min(lengths), ends, stop_ids, pad, per_row(seed, tf.int64),
+        start, tf.minimum(_bucket(start), buffer_length), ends, stop_ids, pad, per_row(seed, tf.int64),
         per_row(temperature, tf.float32), tf.maximum(per_row(top_k, tf.int32), 0),
         per_row(top_p, tf.float32))
 
@@ -339,7 +342,10 @@ def _generation_loop(model, jit_compile=True):
     right-padded; ``prompt_mask`` bool, where ``buffer`` holds a prompt token;
     ``encoder_ids``, ``encoder_mask`` int32 ``(batch, encoder_length)``
     (``(0, 0)`` for a decoder); ``start`` int32, the shortest prompt's
-    length; ``ends`` int32 ``(batch,)``, where each row stops (at most
+    length; ``prefill`` int32, how many of the buffer's first positions the
+    prefill runs (``start`` rounded up to a bucket, at most ``length``; XLA
+    takes it as a compile-time constant, so there is one compilation per
+    value); ``ends`` int32 ``(batch,)``, where each row stops (at most
     ``length``); ``stop_ids`` int32 ``(n,)``; ``pad`` int32; ``seeds`` int64,
     ``temperature`` float32, ``top_k`` int32, ``top_p`` float32, all
     ``(batch,)``. Returns the filled buffer; a row is ``pad`` after it stops.
@@ -353,23 +359,23 @@ def _generation_loop(model, jit_compile=True):
     if getattr(model, name, None) is None:
         backbone = model.backbone
 
-        def loop(buffer, prompt_mask, encoder_ids, encoder_mask, start, ends, stop_ids, pad,
-                 seeds, temperature, top_k, top_p):
+        def loop(buffer, prompt_mask, encoder_ids, encoder_mask, start, prefill, ends,
+                 stop_ids, pad, seeds, temperature, top_k, top_p):
             rows = _shape(buffer)[0]
             if not jit_compile or (isinstance(rows, int) and rows > 1):
-                return fill(buffer, prompt_mask, encoder_ids, encoder_mask, start, ends,
-                            stop_ids, pad, seeds, temperature, top_k, top_p)
+                return fill(buffer, prompt_mask, encoder_ids, encoder_mask, start, prefill,
+                            ends, stop_ids, pad, seeds, temperature, top_k, top_p)
 
             def two_rows(tensor):
                 return tf.concat([tensor, tensor[:tf.maximum(2 - rows, 0)]], 0)
 
             filled = fill(*map(two_rows, (buffer, prompt_mask, encoder_ids, encoder_mask)),
-                          start, two_rows(ends), stop_ids, pad,
+                          start, prefill, two_rows(ends), stop_ids, pad,
                           *map(two_rows, (seeds, temperature, top_k, top_p)))
             return filled[:rows]
 
-        def fill(buffer, prompt_mask, encoder_ids, encoder_mask, start, ends, stop_ids, pad,
-                 seeds, temperature, top_k, top_p):
+        def fill(buffer, prompt_mask, encoder_ids, encoder_mask, start, prefill, ends,
+                 stop_ids, pad, seeds, temperature, top_k, top_p):
             batch_size, length = _shape(buffer)
             context = context_mask = None
             if backbone.kind == "encoder_decoder":
@@ -377,7 +383,8 @@ def _generation_loop(model, jit_compile=True):
                                            "padding_mask": encoder_mask})
                 context_mask = encoder_mask
             hidden, cache = backbone.decode_step(
-                buffer, backbone.empty_cache(batch_size, length), 0, context, context_mask)
+                buffer[:, :prefill], backbone.empty_cache(batch_size, length), 0, context,
+                context_mask)
             output_matrix = backbone.output_matrix()
             logits = backbone.logits(tf.gather(hidden, start - 1, axis=1), output_matrix)
             done = tf.zeros_like(ends, tf.bool)

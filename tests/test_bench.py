@@ -99,3 +99,17 @@ def test_report_compares_medians_and_marks_missed_targets():
     assert "| (b) causal LM decoder, 32 × 128 | 10 (10–10) | 10 (10–10) | 1.00× **missed** |" \
         in table
     assert "| 1 | 10.0 (target < 15: met) | 500.0 |" in table
+
+
+def test_rounds_pool_every_window_list_and_keep_the_first_rounds_scalars():
+    first = {"windows": [1.0, 2.0], "first_token_seconds": [0.1], "first_call_seconds": 3.0,
+             "unit": "new tokens/s"}
+    second = {"windows": [5.0], "first_token_seconds": [0.2], "first_call_seconds": 9.0,
+              "unit": "new tokens/s", "peak_rss_mb": 7.0}
+    assert bench.pooled(first, second) == {
+        "windows": [1.0, 2.0, 5.0], "first_token_seconds": [0.1, 0.2],
+        "first_call_seconds": 3.0, "unit": "new tokens/s", "peak_rss_mb": 7.0}
+    machine = {"cpu": "test CPU", "cores": 2, "tensorflow": "x", "keras": "x",
+               "keras_hub": "x", "date": "today", "windows": 5, "rounds": 3}
+    assert "Medians of 15 timed windows (min–max), 3 rounds of 5 pooled," in \
+        bench.report({}, machine)

@@ -24,6 +24,10 @@ median of ``--windows`` timed windows, with their min–max):
   ``serving_default`` run from a session as TF Serving runs it: latency at
   batch 1, throughput at batch 32.
 
+``--rounds R`` runs the selected cases R times, every other round in reverse
+order, and pools each case's windows: on a machine whose speed drifts (a shared
+cloud VM), the two sides of a comparison then sample the same stretch of time.
+
 Writes ``RESULTS/bench.json`` (every window), ``RESULTS/bench.md`` (the tables)
 and PNG plots, where RESULTS is ``--results`` (default ``tools/results``).
 Cases rerun with ``--only`` replace their earlier results in ``bench.json``.
@@ -120,6 +124,14 @@ def run_case(case, windows, steps, exported, timeout=1800):
 
 # === Accounting ===
 
+def pooled(earlier, later):
+    """One case's results over two rounds: every per-window list joined, the
+    rest (compile times, parameter counts) from the first round."""
+    return {**later, **earlier, **{key: earlier[key] + value for key, value in later.items()
+                                   if isinstance(value, list) and isinstance(earlier.get(key),
+                                                                             list)}}
+
+
 def summary(windows):
     """Median and range of a case's windows."""
     return {"median": statistics.median(windows), "min": min(windows), "max": max(windows),
@@ -169,8 +181,11 @@ def report(results, machine):
     """The markdown tables of ``results`` (by case id)."""
     lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores; TensorFlow "
              f"{machine['tensorflow']}, Keras {machine['keras']}, keras-hub "
-             f"{machine['keras_hub']}; {machine['date']}. Medians of {machine['windows']} "
-             "timed windows (min–max), warm-up excluded, each case in a fresh process.", ""]
+             f"{machine['keras_hub']}; {machine['date']}. Medians of "
+             f"{machine['windows'] * machine.get('rounds', 1)} timed windows (min–max)"
+             + (f", {machine['rounds']} rounds of {machine['windows']} pooled"
+                if machine.get("rounds", 1) > 1 else "")
+             + ", warm-up excluded, each case in a fresh process.", ""]
     peak = results.get("matmul")
     if peak:
         peak_gflops = summary(peak["windows"])["median"]
@@ -281,7 +296,7 @@ def plot(results, folder):
         plt.close(figure)
 
 
-def machine_info(windows):
+def machine_info(windows, rounds):
     import keras
     import keras_hub
     import tensorflow as tf
@@ -294,7 +309,8 @@ def machine_info(windows):
     return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__,
             "keras": keras.__version__, "keras_hub": keras_hub.__version__,
             "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-            "date": datetime.date.today().isoformat(), "windows": windows}
+            "date": datetime.date.today().isoformat(), "windows": windows,
+            "rounds": rounds}
 
 
 def main():
@@ -302,11 +318,16 @@ def main():
     parser.add_argument("--only", help="run the cases whose id matches this regex")
     parser.add_argument("--windows", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="training steps per window")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the cases this many times, alternating their order, "
+                             "and pool each case's windows")
     parser.add_argument("--results", default=str(HERE / "results"))
     parser.add_argument("--list", action="store_true", help="print the case ids and exit")
     args = parser.parse_args()
     if args.windows < 5:
         parser.error("--windows must be at least 5")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     folder = pathlib.Path(args.results)
     folder.mkdir(parents=True, exist_ok=True)
@@ -323,15 +344,19 @@ def main():
         if any("{" in str(case.get("path", "")) for case in selected):
             export = next(case for case in cases if case["kind"] == "export")
             exported = run_case(export, args.windows, args.steps, {})
-        for case in selected:
-            result = run_case(case, args.windows, args.steps, exported)
-            result["measured"] = datetime.datetime.now().isoformat(timespec="seconds")
-            result.pop("directory", None)
-            stored["results"][case["id"]] = result
-            s = summary(result["windows"])
-            print(f"{case['id']}: {fmt(s['median'], 1)} {result['unit']} "
-                  f"(spread {s['spread']:.1%})", flush=True)
-            stored["machine"] = machine_info(args.windows)
+        measured = {}
+        for round_ in range(args.rounds):
+            for case in selected[::-1] if round_ % 2 else selected:
+                result = run_case(case, args.windows, args.steps, exported)
+                result["measured"] = datetime.datetime.now().isoformat(timespec="seconds")
+                result.pop("directory", None)
+                if case["id"] in measured:
+                    result = pooled(measured[case["id"]], result)
+                measured[case["id"]] = stored["results"][case["id"]] = result
+                s = summary(result["windows"])
+                print(f"{case['id']}: {fmt(s['median'], 1)} {result['unit']} "
+                      f"(spread {s['spread']:.1%}, round {round_ + 1})", flush=True)
+                stored["machine"] = machine_info(args.windows, args.rounds)
             stored["flops_formula"] = FLOPS_FORMULA
             path.write_text(json.dumps(stored, indent=1))
     table = report(stored["results"], stored["machine"])
