@@ -110,6 +110,9 @@ def test_rounds_pool_every_window_list_and_keep_the_first_rounds_scalars():
         "windows": [1.0, 2.0, 5.0], "first_token_seconds": [0.1, 0.2],
         "first_call_seconds": 3.0, "unit": "new tokens/s", "peak_rss_mb": 7.0}
     machine = {"cpu": "test CPU", "cores": 2, "tensorflow": "x", "keras": "x",
-               "keras_hub": "x", "date": "today", "windows": 5, "rounds": 3}
-    assert "Medians of 15 timed windows (min–max), 3 rounds of 5 pooled," in \
-        bench.report({}, machine)
+               "keras_hub": "x", "date": "today", "windows": 5}
+    results = {"serve/B1": {"windows": [80.0] * 10, "latencies": [0.01] * 100, "rounds": 2},
+               "serve/B32": {"windows": [90.0] * 5, "latencies": [0.01] * 100}}
+    assert ("Medians of 5 timed windows (min–max) per round, warm-up excluded, each case in "
+            "a fresh process. Windows pooled over rounds (alternating order; rounds in "
+            "brackets): serve/B1 (2).") in bench.report(results, machine)

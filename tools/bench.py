@@ -132,6 +132,14 @@ def pooled(earlier, later):
                                                                              list)}}
 
 
+def pooled_cases(results):
+    """The report's note on the cases whose windows were pooled over rounds."""
+    cases = [f"{case} ({result['rounds']})" for case, result in results.items()
+             if result.get("rounds", 1) > 1]
+    return (" Windows pooled over rounds (alternating order; rounds in brackets): "
+            + ", ".join(cases) + ".") if cases else ""
+
+
 def summary(windows):
     """Median and range of a case's windows."""
     return {"median": statistics.median(windows), "min": min(windows), "max": max(windows),
@@ -181,11 +189,9 @@ def report(results, machine):
     """The markdown tables of ``results`` (by case id)."""
     lines = [f"Machine: {machine['cpu']}, {machine['cores']} cores; TensorFlow "
              f"{machine['tensorflow']}, Keras {machine['keras']}, keras-hub "
-             f"{machine['keras_hub']}; {machine['date']}. Medians of "
-             f"{machine['windows'] * machine.get('rounds', 1)} timed windows (min–max)"
-             + (f", {machine['rounds']} rounds of {machine['windows']} pooled"
-                if machine.get("rounds", 1) > 1 else "")
-             + ", warm-up excluded, each case in a fresh process.", ""]
+             f"{machine['keras_hub']}; {machine['date']}. Medians of {machine['windows']} "
+             "timed windows (min–max) per round, warm-up excluded, each case in a fresh "
+             "process." + pooled_cases(results), ""]
     peak = results.get("matmul")
     if peak:
         peak_gflops = summary(peak["windows"])["median"]
@@ -296,7 +302,7 @@ def plot(results, folder):
         plt.close(figure)
 
 
-def machine_info(windows, rounds):
+def machine_info(windows):
     import keras
     import keras_hub
     import tensorflow as tf
@@ -309,8 +315,7 @@ def machine_info(windows, rounds):
     return {"cpu": cpu, "cores": os.cpu_count(), "tensorflow": tf.__version__,
             "keras": keras.__version__, "keras_hub": keras_hub.__version__,
             "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
-            "date": datetime.date.today().isoformat(), "windows": windows,
-            "rounds": rounds}
+            "date": datetime.date.today().isoformat(), "windows": windows}
 
 
 def main():
@@ -352,11 +357,12 @@ def main():
                 result.pop("directory", None)
                 if case["id"] in measured:
                     result = pooled(measured[case["id"]], result)
+                result["rounds"] = round_ + 1
                 measured[case["id"]] = stored["results"][case["id"]] = result
                 s = summary(result["windows"])
                 print(f"{case['id']}: {fmt(s['median'], 1)} {result['unit']} "
                       f"(spread {s['spread']:.1%}, round {round_ + 1})", flush=True)
-                stored["machine"] = machine_info(args.windows, args.rounds)
+                stored["machine"] = machine_info(args.windows)
             stored["flops_formula"] = FLOPS_FORMULA
             path.write_text(json.dumps(stored, indent=1))
     table = report(stored["results"], stored["machine"])
