@@ -100,8 +100,8 @@ def generate(model, prompts, max_new_tokens=32, *, temperature=0.0, top_k=0, top
     start = int(lengths.min())
     output = _run_loop(
         model, True, buffer, prompt_mask, encoder_inputs[0], encoder_inputs[1].astype("int32"),
-        start, min(_bucket(start), buffer.shape[1]), lengths + max_new_tokens, sorted(set(stop_token_ids)) or [-1], pad,
-        seeds, np.full(rows, temperature, "float32"),
+        start, min(_bucket(start), buffer.shape[1]), lengths + max_new_tokens,
+        sorted(set(stop_token_ids)) or [-1], pad, seeds, np.full(rows, temperature, "float32"),
         np.full(rows, min(top_k, 2**31 - 1), "int32"), np.full(rows, top_p, "float32"),
     ).numpy()
     results = []
@@ -237,9 +237,9 @@ def graph_generate(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
     start = tf.reduce_min(lengths)
     output = _run_loop(
         model, jit_compile, buffer, prompt_mask, encoder_ids, encoder_mask,
-        start, tf.minimum(_bucket(start), buffer_length), ends, stop_ids, pad, per_row(seed, tf.int64),
-        per_row(temperature, tf.float32), tf.maximum(per_row(top_k, tf.int32), 0),
-        per_row(top_p, tf.float32))
+        start, tf.minimum(_bucket(start), buffer_length), ends, stop_ids, pad,
+        per_row(seed, tf.int64), per_row(temperature, tf.float32),
+        tf.maximum(per_row(top_k, tf.int32), 0), per_row(top_p, tf.float32))
 
     # Each row up to and including its first generated stop token (`_trim`).
     positions = tf.range(buffer_length)[None, :]

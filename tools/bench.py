@@ -363,8 +363,8 @@ def main():
                 print(f"{case['id']}: {fmt(s['median'], 1)} {result['unit']} "
                       f"(spread {s['spread']:.1%}, round {round_ + 1})", flush=True)
                 stored["machine"] = machine_info(args.windows)
-            stored["flops_formula"] = FLOPS_FORMULA
-            path.write_text(json.dumps(stored, indent=1))
+                stored["flops_formula"] = FLOPS_FORMULA
+                path.write_text(json.dumps(stored, indent=1))
     table = report(stored["results"], stored["machine"])
     (folder / "bench.md").write_text(table + "\n")
     print(table)
