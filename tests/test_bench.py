@@ -3,6 +3,7 @@ statistics and the verdicts of its report. The timings themselves are never
 asserted: they are benchmark results."""
 
 import importlib.util
+import json
 import pathlib
 
 import numpy as np
@@ -92,8 +93,19 @@ def test_report_compares_medians_and_marks_missed_targets():
         "clm/kerasllm/T128/B32": {**train, "objective": "clm", "windows": [10.0] * 5},
         "clm/keras_hub/T128/B32": {**train, "objective": "clm", "windows": [10.0] * 5},
         "serve/B1": {"windows": [80.0] * 5, "latencies": [0.010] * 98 + [0.5] * 2},
+        "generate/kerasllm/B1": {"windows": [500.0] * 5, "first_token_seconds": [0.01] * 5,
+                                 "first_call_seconds": 3.0},
+        "generate/keras_hub/B1": {"windows": [260.0] * 5, "first_token_seconds": [0.02] * 5,
+                                  "first_call_seconds": 2.0},
     }
+    results["matmul"]["decoding_step"] = {"rows": 2, "megabytes": 21.0,
+                                          "windows": [1.0, 0.5, 2.0, 1.0, 1.0]}
     table = bench.report(results, machine)
+    assert "| kerasllm `model.generate` | 1 | 500 (500–500) | 10.0 | 1.92× **missed** | 3.0 |" \
+        in table
+    assert ("A decoding step's weight matrices alone (21.0 MB, 2 rows through each, every "
+            "matrix its own variable, in an XLA loop): 1.00 (0.50–2.00) ms a step, 21 GB/s; "
+            "1,000 new tokens/s at batch 1 if a step did nothing else.") in table
     assert ("| (a) masked LM encoder, 32 × 128 | 12 (1–99) | 10 (10–10) | 1.20× met | 50% | 42% |"
             in table)
     assert "| (b) causal LM decoder, 32 × 128 | 10 (10–10) | 10 (10–10) | 1.00× **missed** |" \
@@ -116,3 +128,45 @@ def test_rounds_pool_every_window_list_and_keep_the_first_rounds_scalars():
     assert ("Medians of 5 timed windows (min–max) per round, warm-up excluded, each case in "
             "a fresh process. Windows pooled over rounds (alternating order; rounds in "
             "brackets): serve/B1 (2).") in bench.report(results, machine)
+
+
+def test_the_decoding_floor_reads_every_matrix_of_the_generation_model():
+    cases = load_tool("bench_cases")
+    model = cases.kerasllm_model({**bench.MODEL, "sequence": 160, "batch": 1}, "clm",
+                                 dropout=0.0)
+    matrices = [variable for variable in model.backbone.weights
+                if variable.path.endswith("/kernel") or "token_embedding" in variable.path]
+    assert sorted(int(np.prod(variable.shape)) for variable in matrices) == sorted(
+        inner * columns for inner, columns in bench.decoding_weights())
+
+
+def test_a_rerun_on_another_machine_must_replace_every_stored_result():
+    machine = {"cpu": "CPU A", "cores": 2, "tensorflow": "2.21", "keras": "3", "keras_hub": "0.32",
+               "gpus": [], "date": "monday", "windows": 5}
+    stored = {"machine": machine, "results": {"matmul": {}, "serve/B1": {}, "serve/B32": {}}}
+    later = {**machine, "date": "tuesday", "windows": 7}
+    assert bench.foreign_results(stored, later, ["serve/B1"]) == []
+    other = {**machine, "cpu": "CPU B"}
+    assert bench.foreign_results(stored, other, ["serve/B1"]) == ["matmul", "serve/B32"]
+    assert bench.foreign_results(stored, other, ["matmul", "serve/B1", "serve/B32"]) == []
+    upgraded = {**machine, "tensorflow": "2.22"}
+    assert bench.foreign_results(stored, upgraded, []) == ["matmul", "serve/B1", "serve/B32"]
+    assert bench.foreign_results({"results": {}}, other, []) == []
+
+
+def test_the_command_refuses_to_mix_machines_in_one_table(tmp_path, monkeypatch, capsys):
+    stored = {"machine": {"cpu": "a CPU this is not", "cores": 64, "tensorflow": "0",
+                          "keras": "0", "keras_hub": "0", "gpus": [], "date": "d",
+                          "windows": 5},
+              "results": {"matmul": {"windows": [1.0] * 5}}}
+    (tmp_path / "bench.json").write_text(json.dumps(stored))
+    monkeypatch.setattr("sys.argv", ["bench.py", "--only", "^serve/B1$",
+                                     "--results", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "holds results measured on a CPU this is not (64 cores" in error
+    assert "would not replace (matmul)" in error
+    assert "Run every case (no --only), or write to another folder with --results." in error
+    assert json.loads((tmp_path / "bench.json").read_text()) == stored

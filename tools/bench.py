@@ -8,7 +8,8 @@ Cases (each in a fresh process, ``tools/bench_cases.py``; warm-up excluded; the
 median of ``--windows`` timed windows, with their min–max):
 
 - ``matmul``: float32 GFLOP/s of a large square matmul (the peak MFU is taken
-  against) and of the benchmark models' own matmul shapes.
+  against) and of the benchmark models' own matmul shapes; and the time of
+  a batch-1 decoding step's matmuls alone, which bounds (c) at batch 1.
 - ``mlm/*``, ``clm/*``: ``fit`` tokens/s of a 4-layer, hidden-256, 4-head,
   FFN-1024 encoder (masked LM, 15% masked; keras-hub: ``BertMaskedLM``) and
   GPT-2-style decoder (causal LM; keras-hub: ``GPT2CausalLM``), vocabulary
@@ -30,7 +31,8 @@ cloud VM), the two sides of a comparison then sample the same stretch of time.
 
 Writes ``RESULTS/bench.json`` (every window), ``RESULTS/bench.md`` (the tables)
 and PNG plots, where RESULTS is ``--results`` (default ``tools/results``).
-Cases rerun with ``--only`` replace their earlier results in ``bench.json``.
+Cases rerun with ``--only`` replace their earlier results in ``bench.json``;
+it refuses to keep results from another machine or software stack beside them.
 """
 
 import argparse
@@ -80,6 +82,15 @@ def train_cases():
                     and case["sequence"] == 128]
 
 
+def decoding_weights():
+    """(inner, columns) of every weight matrix one decoding step of the (c)
+    model reads: per layer the query, key, value and output projections and
+    the two feed-forward matrices, then the tied vocabulary projection."""
+    d, f = MODEL["hidden"], MODEL["intermediate"]
+    return [[d, d]] * 4 * MODEL["layers"] + [[d, f], [f, d]] * MODEL["layers"] + [
+        [d, MODEL["vocabulary"]]]
+
+
 def all_cases(workdir):
     cases = [{"id": "matmul", "kind": "matmul", "size": 4096, "model_shapes": {
         # (rows, inner, columns) of the benchmark models' matmuls at batch 32 × 128.
@@ -87,7 +98,7 @@ def all_cases(workdir):
         "feed-forward in 4096×256 · 256×1024": [4096, 256, 1024],
         "feed-forward out 4096×1024 · 1024×256": [4096, 1024, 256],
         "vocabulary 4096×256 · 256×8192": [4096, 256, 8192],
-    }}]
+    }, "decoding_weights": decoding_weights(), "decoding_rows": 2}]
     cases += train_cases()
     generation = {"prompt": 32, "new": 128, **MODEL}
     cases.append({"id": "export", "kind": "export", "directory": str(workdir), "sequence": 160,
@@ -245,6 +256,16 @@ def report(results, machine):
                 lines.append(f"| {label} | {batch} | {span(result)} | {fmt(first['median'], 1)} "
                              f"| {ratio} | {result['first_call_seconds']:.1f} |")
         lines.append("")
+        streamed = peak and peak.get("decoding_step")
+        if streamed:
+            step = summary(streamed["windows"])
+            lines += [
+                f"A decoding step's weight matrices alone ({streamed['megabytes']:.1f} MB, "
+                f"{streamed['rows']} rows through each, every matrix its own variable, in an "
+                f"XLA loop): {span(streamed, 2)} ms a step, "
+                f"{streamed['megabytes'] / step['median']:.0f} GB/s; "
+                f"{fmt(1e3 / step['median'])} new tokens/s at batch 1 if a step did nothing "
+                "else.", ""]
     serving = [results.get(f"serve/B{batch}") for batch in (1, 32)]
     if any(serving):
         lines += ["| (d) exported classifier, `serving_default` from a session | batch | p50 ms "
@@ -318,6 +339,19 @@ def machine_info(windows):
             "date": datetime.date.today().isoformat(), "windows": windows}
 
 
+MACHINE_IDENTITY = ("cpu", "cores", "tensorflow", "keras", "keras_hub", "gpus")
+
+
+def foreign_results(stored, machine, rerun):
+    """The stored case ids that were measured on another machine or software
+    stack and that rerunning the cases in ``rerun`` would leave in place: one
+    table must not mix two machines under one machine line."""
+    before = stored.get("machine")
+    if before is None or all(before.get(key) == machine[key] for key in MACHINE_IDENTITY):
+        return []
+    return sorted(set(stored["results"]) - set(rerun))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="run the cases whose id matches this regex")
@@ -345,6 +379,17 @@ def main():
             return
         selected = [case for case in cases if case["kind"] != "export"
                     and (not args.only or re.search(args.only, case["id"]))]
+        machine = machine_info(args.windows)
+        kept = foreign_results(stored, machine, [case["id"] for case in selected])
+        if kept:
+            before = stored["machine"]
+            parser.error(
+                f"{path} holds results measured on {before['cpu']} ({before['cores']} cores, "
+                f"TensorFlow {before['tensorflow']}, keras-hub {before['keras_hub']}) that "
+                f"this run would not replace ({', '.join(kept[:3])}"
+                f"{', ...' if len(kept) > 3 else ''}); this machine is {machine['cpu']} "
+                f"({machine['cores']} cores). Run every case (no --only), or write to "
+                f"another folder with --results.")
         exported = {}
         if any("{" in str(case.get("path", "")) for case in selected):
             export = next(case for case in cases if case["kind"] == "export")
@@ -362,7 +407,7 @@ def main():
                 s = summary(result["windows"])
                 print(f"{case['id']}: {fmt(s['median'], 1)} {result['unit']} "
                       f"(spread {s['spread']:.1%}, round {round_ + 1})", flush=True)
-                stored["machine"] = machine_info(args.windows)
+                stored["machine"] = machine
                 stored["flops_formula"] = FLOPS_FORMULA
                 path.write_text(json.dumps(stored, indent=1))
     table = report(stored["results"], stored["machine"])

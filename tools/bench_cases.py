@@ -302,7 +302,43 @@ def matmul(spec):
             result.numpy()
             windows.append(2 * m * k * n * repeats / (time.perf_counter() - start) / 1e9)
         results[name] = {"shape": [m, k, n], "windows": windows}
-    return {"windows": results.pop("peak")["windows"], "unit": "GFLOP/s", "shapes": results}
+    return {"windows": results.pop("peak")["windows"], "unit": "GFLOP/s", "shapes": results,
+            "decoding_step": decoding_step(spec)}
+
+
+def decoding_step(spec, steps=100):
+    """Milliseconds a step of ``decoding_rows`` rows through every matrix in
+    ``decoding_weights`` takes, as the matmuls of one decoding step: each matrix
+    a variable of its own, so that, as in the model, a step streams them all
+    from memory rather than reusing one that stays in cache."""
+    weights = [tf.Variable(tf.random.normal(shape, stddev=0.05))
+               for shape in spec["decoding_weights"]]
+    width = weights[0].shape[0]
+
+    @tf.function(jit_compile=True)
+    def loop(rows):
+        def body(step, rows):
+            # Activations by width: each product reads the latest one its
+            # matrix fits, and every output feeds the next step's rows.
+            activations, used = {width: rows}, 0.0
+            for weight in weights:
+                inner, columns = weight.shape
+                output = tf.tanh(tf.matmul(activations[inner], weight))
+                used += tf.reduce_mean(output)
+                activations[columns] = output
+            return step + 1, activations[width] + 1e-3 * used
+
+        return tf.while_loop(lambda step, rows: step < steps, body, (0, rows))[1]
+
+    rows = tf.random.normal((spec["decoding_rows"], width))
+    loop(rows).numpy()
+    windows = []
+    for _ in range(spec["windows"]):
+        start = time.perf_counter()
+        loop(rows).numpy()
+        windows.append((time.perf_counter() - start) / steps * 1e3)
+    megabytes = sum(weight.shape[0] * weight.shape[1] * 4 for weight in weights) / 1e6
+    return {"rows": spec["decoding_rows"], "megabytes": megabytes, "windows": windows}
 
 
 CASES = {"train": train, "generate": generate, "generate_savedmodel": generate_savedmodel,
