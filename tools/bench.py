@@ -84,8 +84,9 @@ def train_cases():
 
 def decoding_weights():
     """(inner, columns) of every weight matrix one decoding step of the (c)
-    model reads: per layer the query, key, value and output projections and
-    the two feed-forward matrices, then the tied vocabulary projection."""
+    model reads, grouped by shape (a step reads each once, so their order does
+    not matter): each layer's query, key, value and output projections and two
+    feed-forward matrices, and the tied vocabulary projection."""
     d, f = MODEL["hidden"], MODEL["intermediate"]
     return [[d, d]] * 4 * MODEL["layers"] + [[d, f], [f, d]] * MODEL["layers"] + [
         [d, MODEL["vocabulary"]]]
